@@ -1,0 +1,176 @@
+"""Checkpoints: one folder per step, written atomically, loaded safely, resumed by pointer.
+
+Layout under a checkpoint folder `ckpt/`:
+
+    ckpt/step_00000012/model.pt    model weights (state_dict)
+    ckpt/step_00000012/state.pt    training state: optimiser, RNG states, step, anything else
+    ckpt/step_00000012/config.yaml the resolved config of the run that wrote it
+    ckpt/latest                    the name of the newest complete step folder
+
+A step folder is written under a temporary name and renamed when complete, and `latest` is
+replaced atomically after that, so a job killed at any point leaves the previous checkpoint
+usable. Files load with `torch.load(weights_only=True)`: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from gen_core.errors import UserError
+from gen_core.io import atomic_write_text
+
+LATEST = "latest"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    step: int
+    model: dict[str, Any]  # state_dict
+    state: dict[str, Any]  # optimiser, RNG, counters, ...
+    config: dict[str, Any]  # resolved config that wrote it
+    path: Path
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of Python's, numpy's global and torch's RNGs (safe to save with torch.save)."""
+    state = {
+        "python": _to_tensor_safe(random.getstate()),
+        "numpy": _to_tensor_safe(np.random.get_state(legacy=False)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tensor_safe(obj: Any) -> Any:
+    """Turn numpy arrays/scalars inside nested containers into lists/ints for weights_only."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_tensor_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_tensor_safe(v) for v in obj]
+    return obj
+
+
+def save_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    model: dict[str, Any],
+    state: dict[str, Any],
+    config: dict[str, Any],
+    keep: int = 3,
+) -> Path:
+    """Write `step_<step>/` under `ckpt_dir` atomically, point `latest` at it, prune old ones.
+
+    Args:
+        model: the model's state_dict (tensors).
+        state: training state (optimiser state_dict, `rng_state()`, counters); tensors,
+            numbers, strings, lists and dicts only.
+        config: the resolved config as plain data.
+        keep: how many step folders to keep (0 keeps all).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = ckpt_dir / name
+    tmp = ckpt_dir / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch.save(model, tmp / "model.pt")
+    torch.save({**state, "step": step}, tmp / "state.pt")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(ckpt_dir / LATEST, name + "\n")
+    if keep > 0:
+        steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+        for old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The newest complete step folder under `ckpt_dir`, or None if there is none."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if pointer.is_file():
+        path = ckpt_dir / pointer.read_text(encoding="utf-8").strip()
+        if (path / "model.pt").is_file():
+            return path
+    steps = sorted(p for p in ckpt_dir.glob("step_*") if (p / "state.pt").is_file())
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Checkpoint:
+    """Load a step folder, or the latest one if `path` is a checkpoint folder or a run stage.
+
+    Raises UserError (one line, naming the path) if nothing loadable is there.
+    """
+    path = Path(path)
+    if not (path / "model.pt").is_file():
+        for candidate in (path, path / "checkpoints"):
+            found = latest_checkpoint(candidate) if candidate.is_dir() else None
+            if found is not None:
+                path = found
+                break
+        else:
+            raise UserError(f"{path}: no checkpoint found (expected model.pt or a 'latest' pointer)")
+    try:
+        model = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
+        state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, RuntimeError, EOFError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: checkpoint is unreadable or corrupt ({type(err).__name__})") from None
+    return Checkpoint(step=int(state.get("step", 0)), model=model, state=state, config=config, path=path)
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], keys: list[str], where: Path) -> None:
+    """Raise UserError if a shape-defining key differs between a checkpoint and the config.
+
+    `keys` are dotted paths into the config dicts (e.g. "model.z_dim").
+    """
+
+    def get(d: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return None
+            d = d[part]
+        return d
+
+    for key in keys:
+        a, b = get(saved, key), get(current, key)
+        if a != b:
+            raise UserError(
+                f"{where}: cannot resume, {key} is {a!r} in the checkpoint but {b!r} in the config "
+                "(use another run_name or the same setting)"
+            )
