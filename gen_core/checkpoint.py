@@ -15,6 +15,7 @@ usable. Files load with `torch.load(weights_only=True)`: no pickled code is ever
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
         model = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
         state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, RuntimeError, EOFError, yaml.YAMLError) as err:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, yaml.YAMLError) as err:
         raise UserError(f"{path}: checkpoint is unreadable or corrupt ({type(err).__name__})") from None
     return Checkpoint(step=int(state.get("step", 0)), model=model, state=state, config=config, path=path)
 

@@ -35,7 +35,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "check-data": Command(
         "rollouts.store", "CheckConfig", "verify every episode of a rollout store; list bad ones",
-        section="collect", func="check_main",
+        func="check_main",
     ),
 }
 

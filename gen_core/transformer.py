@@ -1,0 +1,306 @@
+"""A decoder-only Transformer (GPT), written to read like nanoGPT's model.py.
+
+The architecture is the Transformer decoder of Vaswani et al. 2017 ("Attention Is All You Need")
+in the GPT-2 arrangement of Radford et al. 2019 ("Language Models are Unsupervised Multitask
+Learners"): token + learned position embeddings, pre-LayerNorm residual blocks of causal
+multi-head self-attention and a GELU MLP, a final LayerNorm, and an output head whose weight is
+tied to the token embedding.
+
+Two input modes share every block:
+
+* token ids `(B, T)` -> logits over `vocab_size` (text generation);
+* continuous vectors `(B, T, input_dim)` through a linear input projection, with a linear head
+  of `output_dim` (e.g. a world model over concatenated (z, a) vectors); the loss is then MSE.
+
+Generation keeps a per-layer key/value cache so that each new token costs one position's worth
+of compute instead of a forward pass over the whole context. Learned *absolute* position
+embeddings make every cached key depend on its position, so once the context window is full the
+cache cannot be rolled exactly; `generate` then recomputes the cropped window (the last
+`block_size` tokens) with a fresh prefill, which is exactly what a sampler without a cache does.
+Per-token cost therefore grows with the text only until the window is full and stays flat after.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class TransformerConfig:
+    block_size: int = 64  # context window: the most positions the model attends over
+    vocab_size: int = 65  # token ids are in [0, vocab_size); unused when input and output are continuous
+    n_layer: int = 4  # number of Transformer blocks
+    n_head: int = 4  # attention heads per block; n_embd must divide by it
+    n_embd: int = 128  # width of the residual stream
+    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
+    bias: bool = False  # biases in Linear layers and LayerNorms (False: a bit better and faster)
+    input_dim: int = 0  # 0: inputs are token ids; > 0: inputs are vectors of this size
+    output_dim: int = 0  # 0: logits over vocab_size; > 0: a linear head of this size (MSE loss)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, in preallocated buffers.
+
+    Buffers are sized for the whole context window up front so that appending a position is an
+    in-place write, not a `torch.cat` that copies the whole cache on every token.
+    """
+
+    def __init__(self, config: TransformerConfig, batch_size: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions already cached (the same for every layer)
+        self.capacity = config.block_size
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store `k`, `v` (B, nh, T, hs) after the cached positions; return all keys and values."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        # key, query, value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.size()  # batch, sequence length, embedding width (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:
+            # one new query may see every cached position; is_causal would align the mask to the
+            # top-left corner and let it see only the first key
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            # several new queries after cached ones: query i sits at position past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        return self.dropout(self.c_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.tokens_in = config.input_dim == 0
+        self.tokens_out = config.output_dim == 0
+        if self.tokens_in:
+            wte = nn.Embedding(config.vocab_size, config.n_embd)
+        else:
+            wte = nn.Linear(config.input_dim, config.n_embd, bias=config.bias)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=wte,
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        out_dim = config.vocab_size if self.tokens_out else config.output_dim
+        self.lm_head = nn.Linear(config.n_embd, out_dim, bias=False)
+        if self.tokens_in and self.tokens_out:
+            # weight tying (Press & Wolf 2017): the input embedding doubles as the output head
+            self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so that the residual
+        # stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings are left out by default, as in nanoGPT."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-LayerNorm residual stream (B, T, C) for `idx` after any cached positions."""
+        B, T = idx.shape[:2]
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {past + T} positions is longer than block_size {self.config.block_size}"
+            )
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ):
+        """Outputs for every position, and the loss if `targets` are given.
+
+        Args:
+            idx: token ids (B, T), or vectors (B, T, input_dim) in continuous mode.
+            targets: next token ids (B, T) (-1 is ignored), or vectors (B, T, output_dim).
+            cache: a KVCache holding earlier positions; `idx` continues after them.
+
+        Returns:
+            (logits, loss): logits (B, T, vocab_size or output_dim); loss a scalar or None.
+        """
+        x = self.hidden(idx, cache)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            if self.tokens_out:
+                loss = F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+                )
+            else:
+                loss = F.mse_loss(logits, targets)
+        return logits, loss
+
+    def configure_optimizer(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float]
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings only, not on biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        extra = {}
+        # the fused kernel does the whole update in one pass instead of a dozen foreach ops
+        if "fused" in inspect.signature(torch.optim.AdamW).parameters:
+            extra["fused"] = True
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T) and return (B, T + new).
+
+        Each step conditions on at most the last `block_size` tokens. With `use_cache`, keys and
+        values of earlier positions are reused; once the window is full the cropped window is
+        recomputed (see the module docstring), so both paths sample from the same distribution
+        and, for the same `generator`, give the same tokens. `temperature=0` picks the most
+        likely token; `top_k` keeps only the k most likely tokens before sampling.
+        """
+        if not (self.tokens_in and self.tokens_out):
+            raise ValueError("generate needs a token model (input_dim == 0 and output_dim == 0)")
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        block = self.config.block_size
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+        try:
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    x = self.hidden(idx[:, -block:])  # (B, T, C): the whole window, every step
+                elif cache.length == 0 or cache.length + 1 > block:
+                    cache.reset()  # (re)fill: the prompt, or the cropped window once it is full
+                    x = self.hidden(idx[:, -block:], cache)  # (B, T, C)
+                else:
+                    x = self.hidden(idx[:, -1:], cache)  # (B, 1, C): only the newest token
+                logits = self.lm_head(x[:, -1, :])  # (B, V): only the last position is needed
+                idx_next = _sample(logits, temperature, top_k, generator)  # (B, 1)
+                idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        finally:
+            self.train(was_training)
+        return idx
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One token id per row (B, 1) from logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

@@ -1,0 +1,252 @@
+"""`wm collect`: episodes from a gymnasium pixel env, in parallel with Ray, into an episode store.
+
+Episode `i` always uses the same env seed and policy seed (derived from the run seed and `i`),
+so a store is reproducible whatever the number of workers, and an interrupted collection run
+again simply writes the episodes that are not yet on disk. Workers return compressed episodes
+to the driver, which writes them atomically: the store can live on the driver's disk even when
+the workers run on a Ray cluster (`ray_address`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from gen_core.config import ConfigError, setting
+from gen_core.runs import RunConfig, progress, start_run
+from rollouts.policies import POLICIES, make_policy
+from rollouts.store import EpisodeStore, StoreInfo, encode_episode
+
+
+@dataclass
+class CollectConfig(RunConfig):
+    """Settings of `wm collect`."""
+
+    env_id: str = setting(
+        "CarRacingFast-v3", "gymnasium env id (CarRacingFast-v3 is pixel-identical to CarRacing-v3)"
+    )
+    episodes: int = setting(16, "number of episodes in the store", min=1)
+    max_steps: int = setting(1000, "steps per episode at most (time limit)", min=1)
+    policy: str = setting("correlated", "policy: uniform, correlated or constant")
+    policy_params: dict[str, Any] = setting(
+        {}, "policy keyword arguments, e.g. {hold_mean: 10} or {action: [0, 1, 0]}"
+    )
+    frame_size: int = setting(64, "stored frames are resized to frame_size x frame_size", min=8)
+    crop_bottom: int = setting(
+        0, "rows cut from the bottom of the env frame before resizing (12 drops CarRacing's bar)",
+        min=0,
+    )
+    keep_raw: bool = setting(False, "also store the env's full-size frames")
+    workers: int | None = setting(None, "parallel env workers (default: one per core)", min=1)
+    backend: Literal["ray", "inline"] = setting(
+        "ray", "ray: parallel Ray actors; inline: one process, no Ray (debugging, tiny runs)"
+    )
+    ray_address: str | None = setting(
+        None, "address of an existing Ray cluster (e.g. ray://host:10001 or auto); default: local"
+    )
+    store: str = setting("", "store folder (default: <runs_dir>/<run_name>/store)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.policy not in POLICIES:
+            raise ConfigError(
+                f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}"
+            )
+
+    def store_path(self) -> Path:
+        return Path(self.store) if self.store else self.run_dir / "store"
+
+    def n_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+
+def episode_seeds(seed: int, index: int) -> tuple[int, int]:
+    """(env seed, policy seed) of episode `index`: fixed by the run seed and the index alone."""
+    env_seed, policy_seed = np.random.SeedSequence([seed, index]).generate_state(2)
+    return int(env_seed % 2**31), int(policy_seed)
+
+
+def make_env(env_id: str, max_steps: int):
+    """Make a headless env by id, registering the toolkit's envs first."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    import gymnasium as gym
+
+    import rollouts.envs  # noqa: F401  (registers CarRacingFast-v3)
+
+    try:
+        return gym.make(env_id, max_episode_steps=max_steps)
+    except gym.error.Error as err:
+        from gen_core.errors import UserError
+
+        raise UserError(f"env_id: cannot make {env_id!r} ({err})") from None
+
+
+def preprocess(frame: np.ndarray, size: int, crop_bottom: int = 0) -> np.ndarray:
+    """Crop `crop_bottom` rows, then area-resize to (size, size, 3) uint8."""
+    from PIL import Image
+
+    if crop_bottom:
+        frame = frame[: frame.shape[0] - crop_bottom]
+    if frame.shape[0] == size and frame.shape[1] == size:
+        return np.ascontiguousarray(frame)
+    img = Image.fromarray(frame).resize((size, size), Image.Resampling.BOX)
+    return np.asarray(img)
+
+
+def run_episode(env, policy, env_seed: int, policy_seed: int, cfg: CollectConfig) -> dict:
+    """Play one episode; return its arrays in the store's layout."""
+    obs, _ = env.reset(seed=env_seed)
+    policy.reset(policy_seed)
+    frames, raw = [preprocess(obs, cfg.frame_size, cfg.crop_bottom)], [obs] if cfg.keep_raw else []
+    actions, rewards, terms, truncs = [], [], [], []
+    for _ in range(cfg.max_steps):
+        action = np.asarray(policy(obs), dtype=np.float32)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        frames.append(preprocess(obs, cfg.frame_size, cfg.crop_bottom))
+        if cfg.keep_raw:
+            raw.append(obs)
+        actions.append(action)
+        rewards.append(reward)
+        terms.append(terminated)
+        truncs.append(truncated)
+        if terminated or truncated:
+            break
+    out = {
+        "obs": np.stack(frames),
+        "actions": np.stack(actions).astype(np.float32),
+        "rewards": np.asarray(rewards, dtype=np.float32),
+        "terminated": np.asarray(terms, dtype=bool),
+        "truncated": np.asarray(truncs, dtype=bool),
+        "seed": np.asarray(env_seed, dtype=np.int64),
+        "policy": np.asarray(cfg.policy),
+    }
+    if cfg.keep_raw:
+        out["raw_obs"] = np.stack(raw)
+    return out
+
+
+class EpisodeWorker:
+    """Owns one env and one policy; plays episodes on request (a Ray actor, or inline)."""
+
+    def __init__(self, cfg: CollectConfig):
+        self.cfg = cfg
+        self.env = make_env(cfg.env_id, cfg.max_steps)
+        self.policy = make_policy(cfg.policy, self.env.action_space, **cfg.policy_params)
+
+    def play(self, index: int) -> tuple[int, bytes, int, float]:
+        """(index, compressed episode, steps, return) of episode `index`."""
+        env_seed, policy_seed = episode_seeds(self.cfg.seed, index)
+        ep = run_episode(self.env, self.policy, env_seed, policy_seed, self.cfg)
+        return index, encode_episode(ep), len(ep["actions"]), float(ep["rewards"].sum())
+
+
+def _store_info(cfg: CollectConfig) -> StoreInfo:
+    env = make_env(cfg.env_id, cfg.max_steps)
+    try:
+        make_policy(cfg.policy, env.action_space, **cfg.policy_params)  # fail early, one line
+        return StoreInfo(
+            frame_shape=(cfg.frame_size, cfg.frame_size, 3),
+            env_id=cfg.env_id,
+            action_dim=int(np.prod(env.action_space.shape)),
+            raw=cfg.keep_raw,
+        )
+    finally:
+        env.close()
+
+
+def _inline_results(cfg: CollectConfig, todo: list[int]):
+    worker = EpisodeWorker(cfg)
+    for index in todo:
+        yield worker.play(index)
+
+
+def _ray_results(cfg: CollectConfig, todo: list[int]):
+    """Yield finished episodes from a pool of Ray actors; a dead actor is replaced and its
+    episode rerun, so no episode is lost and the loop never waits on a dead worker."""
+    import ray
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=cfg.n_workers(), include_dashboard=False, log_to_driver=False,
+                configure_logging=False,
+            )
+    remote_worker = ray.remote(num_cpus=1, max_restarts=0)(EpisodeWorker)
+    try:
+        n = min(cfg.n_workers(), len(todo))
+        actors = [remote_worker.remote(cfg) for _ in range(n)]
+        queue = list(reversed(todo))
+        in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor slot, episode index)
+
+        def submit(slot: int) -> None:
+            if queue:
+                index = queue.pop()
+                in_flight[actors[slot].play.remote(index)] = (slot, index)
+
+        for slot in range(n):
+            submit(slot)
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = done[0]
+            slot, index = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (RayActorError, WorkerCrashedError):
+                actors[slot] = remote_worker.remote(cfg)
+                queue.append(index)
+                submit(slot)
+                continue
+            submit(slot)
+            yield result
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def main(cfg: CollectConfig) -> int:
+    """Collect `cfg.episodes` episodes into the store, skipping those already on disk."""
+    run = start_run(cfg, "collect", torch_needed=False)
+    store = EpisodeStore.create(cfg.store_path(), _store_info(cfg))
+    have = set(store.indices())
+    todo = [i for i in range(cfg.episodes) if i not in have]
+    run.log.info(
+        f"collect: {cfg.env_id}, policy {cfg.policy}, {cfg.episodes} episodes "
+        f"({len(have & set(range(cfg.episodes)))} already on disk), store {store.path}"
+    )
+    if not todo:
+        run.log.info("collect: nothing to do, every episode is on disk")
+        run.close()
+        return 0
+    results = _inline_results(cfg, todo) if cfg.backend == "inline" else _ray_results(cfg, todo)
+    t0 = time.perf_counter()
+    frames = bytes_written = 0
+    returns = []
+    bar = progress(total=len(todo), unit="ep", desc="collect", disable=not cfg.progress)
+    try:
+        for index, payload, steps, ret in results:
+            store.write_episode(index, payload)
+            frames += steps + 1
+            bytes_written += len(payload)
+            returns.append(ret)
+            run.scalars(index, episode_return=ret, episode_steps=steps)
+            bar.update(1)
+            bar.set_postfix(fps=f"{frames / (time.perf_counter() - t0):.0f}", ret=f"{ret:.1f}")
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    run.log.info(
+        f"collect: {len(returns)} episodes, {frames} frames in {elapsed:.1f}s "
+        f"({frames / elapsed:.0f} frames/s), {bytes_written / max(frames, 1):.0f} bytes/frame, "
+        f"mean return {np.mean(returns):.1f} +- {np.std(returns):.1f}"
+    )
+    run.close()
+    return 0

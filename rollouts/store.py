@@ -1,0 +1,297 @@
+"""A compact on-disk episode store, streamed and never loaded whole.
+
+Layout of a store folder:
+
+    store.json               format, version, frame shape, env id, policy (written atomically)
+    episodes/ep_000000.npz   one compressed file per complete episode
+    episodes/ep_000001.npz   ...
+
+Each episode file (numpy `.npz`, deflate-compressed, loaded with `allow_pickle=False`) holds, for
+an episode of T steps:
+
+    obs         uint8   (T+1, H, W, 3)  observation before each step, plus the final one
+    actions     float32 (T, A)          action taken after seeing obs[t]
+    rewards     float32 (T,)            reward of that step
+    terminated  bool    (T,)            env reported termination at that step
+    truncated   bool    (T,)            time limit reached at that step
+    raw_obs     uint8   (T+1, 96, 96, 3) optional: the env's full-size frames
+    seed        int64   ()              the env seed of the episode
+    policy      str     ()              policy name
+    length      int64   ()              T (read without decompressing the frames)
+
+An episode file is written to a temporary name and renamed when complete, so an episode is either
+whole on disk or absent. The World Models recipe (10,000 episodes x 1,000 frames) is 123 GB as
+raw 64x64 frames; here a CarRacing frame takes about 1 KB, and readers hold at most a few
+episodes in memory at a time however large the store grows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gen_core.config import setting
+from gen_core.errors import UserError
+from gen_core.io import atomic_write_bytes, atomic_write_text
+from gen_core.runs import RunConfig
+
+FORMAT = "worldmodels-episode-store"
+VERSION = 1
+EPISODE_KEYS = ("obs", "actions", "rewards", "terminated", "truncated")
+_EP_RE = re.compile(r"^ep_(\d{6,})\.npz$")
+
+
+class CorruptEpisodeError(UserError):
+    """An episode file cannot be read or is inconsistent."""
+
+
+def episode_name(index: int) -> str:
+    return f"ep_{index:06d}.npz"
+
+
+def encode_episode(arrays: dict[str, Any]) -> bytes:
+    """Compress one episode's arrays into `.npz` bytes (done on the worker, in parallel)."""
+    for key in EPISODE_KEYS:
+        if key not in arrays:
+            raise ValueError(f"episode is missing {key!r}")
+    data = {k: np.asarray(v) for k, v in arrays.items()}
+    data["length"] = np.asarray(len(data["actions"]), dtype=np.int64)
+    _check_consistent(data, "episode")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **data)
+    return buf.getvalue()
+
+
+def _check_consistent(data: dict[str, np.ndarray], where: str) -> None:
+    t = len(data["actions"])
+    problems = []
+    if data["obs"].ndim != 4 or data["obs"].dtype != np.uint8:
+        problems.append(f"obs has shape {data['obs'].shape} and dtype {data['obs'].dtype}")
+    elif len(data["obs"]) != t + 1:
+        problems.append(f"{len(data['obs'])} observations for {t} actions (expected {t + 1})")
+    for key in ("rewards", "terminated", "truncated"):
+        if key in data and len(data[key]) != t:
+            problems.append(f"{key} has {len(data[key])} entries for {t} actions")
+    if "length" in data and int(data["length"]) != t:
+        problems.append(f"length says {int(data['length'])} but there are {t} actions")
+    if problems:
+        raise CorruptEpisodeError(f"{where}: inconsistent episode: {'; '.join(problems)}")
+
+
+@dataclass
+class StoreInfo:
+    """What store.json records."""
+
+    frame_shape: tuple[int, int, int]
+    env_id: str
+    action_dim: int
+    raw: bool = False
+    extra: dict[str, Any] | None = None
+
+
+class EpisodeStore:
+    """Read and write a folder of episodes.
+
+    Reading is streamed: `iter_episodes` yields one episode at a time and `iter_frames` keeps a
+    shuffle buffer of a few episodes, so memory stays flat as the store grows.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.episode_dir = self.path / "episodes"
+
+    # ---------------------------------------------------------------- creating and writing
+
+    @classmethod
+    def create(cls, path: str | Path, info: StoreInfo) -> EpisodeStore:
+        """Open `path` for writing; make it if new, else check it matches `info`."""
+        store = cls(path)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "frame_shape": list(info.frame_shape),
+            "env_id": info.env_id,
+            "action_dim": info.action_dim,
+            "raw": info.raw,
+            **({"extra": info.extra} if info.extra else {}),
+        }
+        if (store.path / "store.json").exists():
+            old = store.info()
+            for key in ("frame_shape", "env_id", "action_dim", "raw"):
+                if meta[key] != old.get(key):
+                    raise UserError(
+                        f"{store.path}: existing store has {key}={old.get(key)!r}, this run asks "
+                        f"for {meta[key]!r}; use another store path or matching settings"
+                    )
+        else:
+            store.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(store.path / "store.json", json.dumps(meta, indent=2) + "\n")
+        store.episode_dir.mkdir(parents=True, exist_ok=True)
+        return store
+
+    def write_episode(self, index: int, payload: bytes | dict[str, Any]) -> Path:
+        """Write episode `index` atomically (payload: `encode_episode` bytes or the arrays)."""
+        if isinstance(payload, dict):
+            payload = encode_episode(payload)
+        path = self.episode_dir / episode_name(index)
+        atomic_write_bytes(path, payload)
+        return path
+
+    # ---------------------------------------------------------------- reading
+
+    def info(self) -> dict[str, Any]:
+        """The parsed store.json (UserError if this is not a store)."""
+        meta_path = self.path / "store.json"
+        if not meta_path.is_file():
+            raise UserError(f"{self.path}: not an episode store (no store.json); run 'wm collect'")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{meta_path}: corrupt store metadata (not JSON)") from None
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{meta_path}: not a worldmodels episode store")
+        return meta
+
+    def indices(self) -> list[int]:
+        """Indices of the complete episodes on disk, sorted (temporary files are ignored)."""
+        if not self.episode_dir.is_dir():
+            return []
+        out = []
+        for p in self.episode_dir.iterdir():
+            m = _EP_RE.match(p.name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+    def episode_path(self, index: int) -> Path:
+        return self.episode_dir / episode_name(index)
+
+    def load(self, index: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Load episode `index` (only `keys`, if given). Raises CorruptEpisodeError if bad."""
+        path = self.episode_path(index)
+        if not path.is_file():
+            raise UserError(f"{path}: no such episode in store {self.path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                names = keys if keys is not None else tuple(npz.files)
+                missing = [k for k in names if k not in npz.files]
+                if missing:
+                    raise CorruptEpisodeError(f"{path}: missing arrays {missing}")
+                data = {k: npz[k] for k in names}
+        except CorruptEpisodeError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as err:
+            raise CorruptEpisodeError(
+                f"{path}: corrupt or truncated episode file ({type(err).__name__}: {err}); "
+                "'wm check-data' lists every bad episode"
+            ) from None
+        if keys is None or set(EPISODE_KEYS) <= set(data):
+            _check_consistent(data, str(path))
+        return data
+
+    def length(self, index: int) -> int:
+        """Number of steps of episode `index`, read without decompressing frames."""
+        return int(self.load(index, ("length",))["length"])
+
+    def iter_episodes(
+        self,
+        keys: tuple[str, ...] | None = None,
+        indices: list[int] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield (index, arrays) one episode at a time (sequence access, e.g. MDN-RNN)."""
+        order = list(self.indices() if indices is None else indices)
+        if shuffle:
+            np.random.default_rng(seed).shuffle(order)
+        for i in order:
+            yield i, self.load(i, keys)
+
+    def iter_frames(
+        self,
+        batch_size: int,
+        indices: list[int] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_episodes: int = 8,
+        key: str = "obs",
+        drop_last: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """Yield batches of frames (B, H, W, 3) uint8 drawn across episodes (e.g. VAE training).
+
+        With `shuffle`, episodes are visited in random order and frames are mixed in a buffer of
+        `buffer_episodes` episodes: memory is bounded by that buffer, not by the store's size.
+        """
+        rng = np.random.default_rng(seed)
+        order = list(self.indices() if indices is None else indices)
+        if shuffle:
+            rng.shuffle(order)
+        pending: list[np.ndarray] = []
+        carry = np.empty((0,), dtype=np.uint8)
+        for pos in range(0, len(order), max(1, buffer_episodes)):
+            chunk = order[pos : pos + buffer_episodes]
+            pending = [self.load(i, (key,))[key] for i in chunk]
+            frames = np.concatenate(([carry] if len(carry) else []) + pending)
+            del pending
+            if shuffle:
+                frames = frames[rng.permutation(len(frames))]
+            n_full = len(frames) // batch_size * batch_size
+            for start in range(0, n_full, batch_size):
+                yield frames[start : start + batch_size]
+            carry = frames[n_full:]
+        if len(carry) and not drop_last:
+            yield carry
+
+    def check(self) -> list[tuple[Path, str]]:
+        """Fully read every episode; return (path, problem) for each bad one."""
+        bad = []
+        for i in self.indices():
+            try:
+                self.load(i)
+            except CorruptEpisodeError as err:
+                bad.append((self.episode_path(i), str(err)))
+        return bad
+
+
+# ------------------------------------------------------------------------------- wm check-data
+
+
+@dataclass
+class CheckConfig(RunConfig):
+    """Settings of `wm check-data`."""
+
+    store: str = setting("", "store folder to check (default: <runs_dir>/<run_name>/store)")
+    delete_bad: bool = setting(False, "delete the bad episode files so 'wm collect' redoes them")
+
+    def store_path(self) -> Path:
+        return Path(self.store) if self.store else self.run_dir / "store"
+
+
+def check_main(cfg: CheckConfig) -> int:
+    """`wm check-data`: read every episode; print bad ones; exit 1 if any is bad."""
+    store = EpisodeStore(cfg.store_path())
+    store.info()
+    indices = store.indices()
+    total_bytes = sum(store.episode_path(i).stat().st_size for i in indices)
+    bad = store.check()
+    for path, problem in bad:
+        print(f"BAD {path}: {problem}")
+        if cfg.delete_bad:
+            path.unlink()
+    print(
+        f"{store.path}: {len(indices)} episodes, {len(bad)} bad, "
+        f"{total_bytes / 2**20:.1f} MiB" + (" (bad ones deleted)" if bad and cfg.delete_bad else "")
+    )
+    return 1 if bad else 0
