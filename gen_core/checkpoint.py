@@ -145,17 +145,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
                 path = found
                 break
         else:
-            raise UserError(f"{path}: no checkpoint found (expected model.pt or a 'latest' pointer)")
+            raise UserError(
+                f"{path}: no checkpoint found (expected model.pt or a 'latest' pointer)"
+            )
     try:
         model = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
         state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: checkpoint is unreadable or corrupt ({type(err).__name__})") from None
-    return Checkpoint(step=int(state.get("step", 0)), model=model, state=state, config=config, path=path)
+        raise UserError(
+            f"{path}: checkpoint is unreadable or corrupt ({type(err).__name__})"
+        ) from None
+    return Checkpoint(
+        step=int(state.get("step", 0)), model=model, state=state, config=config, path=path
+    )
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], keys: list[str], where: Path) -> None:
+def check_compatible(
+    saved: dict[str, Any], current: dict[str, Any], keys: list[str], where: Path
+) -> None:
     """Raise UserError if a shape-defining key differs between a checkpoint and the config.
 
     `keys` are dotted paths into the config dicts (e.g. "model.z_dim").

@@ -323,8 +323,13 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             default = f.default_factory()
         else:
             default = "(required)"
-        rows.append((prefix + f.name, yaml.safe_dump(to_dict(default)).strip().removesuffix("..."
-                     ).strip(), f.metadata.get("doc", "")))
+        rows.append(
+            (
+                prefix + f.name,
+                yaml.safe_dump(to_dict(default)).strip().removesuffix("...").strip(),
+                f.metadata.get("doc", ""),
+            )
+        )
     return rows
 
 

@@ -28,7 +28,9 @@ class RunConfig:
     run_name: str = setting("default", "name of the run folder under runs_dir")
     runs_dir: str = setting("runs", "folder holding all runs")
     seed: int = setting(0, "seed for every random number generator of the run", min=0)
-    device: str = setting("auto", "torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    device: str = setting(
+        "auto", "torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N"
+    )
     threads: int = setting(0, "torch CPU threads (0: one per core)", min=0)
     progress: bool = setting(True, "show progress bars")
 

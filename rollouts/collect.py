@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from gen_core.config import ConfigError, setting
+from gen_core.errors import UserError
 from gen_core.runs import RunConfig, progress, start_run
 from rollouts.policies import POLICIES, make_policy
 from rollouts.store import EpisodeStore, StoreInfo, encode_episode
@@ -38,7 +39,8 @@ class CollectConfig(RunConfig):
     )
     frame_size: int = setting(64, "stored frames are resized to frame_size x frame_size", min=8)
     crop_bottom: int = setting(
-        0, "rows cut from the bottom of the env frame before resizing (12 drops CarRacing's bar)",
+        0,
+        "rows cut from the bottom of the env frame before resizing (12 drops CarRacing's bar)",
         min=0,
     )
     keep_raw: bool = setting(False, "also store the env's full-size frames")
@@ -54,9 +56,7 @@ class CollectConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         if self.policy not in POLICIES:
-            raise ConfigError(
-                f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}"
-            )
+            raise ConfigError(f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}")
 
     def store_path(self) -> Path:
         return Path(self.store) if self.store else self.run_dir / "store"
@@ -81,8 +81,6 @@ def make_env(env_id: str, max_steps: int):
     try:
         return gym.make(env_id, max_episode_steps=max_steps)
     except gym.error.Error as err:
-        from gen_core.errors import UserError
-
         raise UserError(f"env_id: cannot make {env_id!r} ({err})") from None
 
 
@@ -138,6 +136,9 @@ class EpisodeWorker:
         self.env = make_env(cfg.env_id, cfg.max_steps)
         self.policy = make_policy(cfg.policy, self.env.action_space, **cfg.policy_params)
 
+    def ready(self) -> bool:
+        return True
+
     def play(self, index: int) -> tuple[int, bytes, int, float]:
         """(index, compressed episode, steps, return) of episode `index`."""
         env_seed, policy_seed = episode_seeds(self.cfg.seed, index)
@@ -166,41 +167,59 @@ def _inline_results(cfg: CollectConfig, todo: list[int]):
 
 
 def _ray_results(cfg: CollectConfig, todo: list[int]):
-    """Yield finished episodes from a pool of Ray actors; a dead actor is replaced and its
-    episode rerun, so no episode is lost and the loop never waits on a dead worker."""
+    """Start a pool of Ray actors, wait until they are ready, and return an iterator of finished
+    episodes. A dead actor is replaced and its episode rerun, so no episode is lost and the loop
+    never waits on a dead worker; an episode whose worker dies `MAX_RETRIES` times is an error."""
     import ray
-    from ray.exceptions import RayActorError, WorkerCrashedError
 
     started_here = not ray.is_initialized()
     if started_here:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, private cluster
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, log_to_driver=False)
         else:
-            ray.init(
-                num_cpus=cfg.n_workers(), include_dashboard=False, log_to_driver=False,
-                configure_logging=False,
-            )
-    remote_worker = ray.remote(num_cpus=1, max_restarts=0)(EpisodeWorker)
+            ray.init(num_cpus=cfg.n_workers(), include_dashboard=False, log_to_driver=False)
     try:
-        n = min(cfg.n_workers(), len(todo))
-        actors = [remote_worker.remote(cfg) for _ in range(n)]
-        queue = list(reversed(todo))
-        in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor slot, episode index)
+        remote_worker = ray.remote(num_cpus=1, max_restarts=0)(EpisodeWorker)
+        actors = [remote_worker.remote(cfg) for _ in range(min(cfg.n_workers(), len(todo)))]
+        ray.get([a.ready.remote() for a in actors])  # envs built: timing starts after this
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
+    return _drain_pool(ray, remote_worker, actors, cfg, todo, started_here)
 
-        def submit(slot: int) -> None:
-            if queue:
-                index = queue.pop()
-                in_flight[actors[slot].play.remote(index)] = (slot, index)
 
-        for slot in range(n):
+MAX_RETRIES = 3
+
+
+def _drain_pool(ray, remote_worker, actors, cfg, todo, shutdown: bool):
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    queue = list(reversed(todo))
+    retries: dict[int, int] = {}
+    in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor slot, episode index)
+
+    def submit(slot: int) -> None:
+        if queue:
+            index = queue.pop()
+            in_flight[actors[slot].play.remote(index)] = (slot, index)
+
+    try:
+        for slot in range(len(actors)):
             submit(slot)
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = done[0]
-            slot, index = in_flight.pop(ref)
+            slot, index = in_flight.pop(done[0])
             try:
-                result = ray.get(ref)
-            except (RayActorError, WorkerCrashedError):
+                result = ray.get(done[0])
+            except (RayActorError, WorkerCrashedError) as err:
+                retries[index] = retries.get(index, 0) + 1
+                if retries[index] > MAX_RETRIES:
+                    raise UserError(
+                        f"episode {index}: its worker died {MAX_RETRIES + 1} times "
+                        f"({type(err).__name__}); see the Ray logs"
+                    ) from None
                 actors[slot] = remote_worker.remote(cfg)
                 queue.append(index)
                 submit(slot)
@@ -208,11 +227,30 @@ def _ray_results(cfg: CollectConfig, todo: list[int]):
             submit(slot)
             yield result
     finally:
-        if started_here:
+        if shutdown:
             ray.shutdown()
 
 
-def main(cfg: CollectConfig) -> int:
+@dataclass
+class CollectStats:
+    """What one collection run did (frames counted as stored observations)."""
+
+    episodes: int
+    frames: int
+    seconds: float  # from the workers being ready to the last episode written
+    bytes_written: int
+    returns: list[float]
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / max(self.seconds, 1e-9)
+
+    @property
+    def bytes_per_frame(self) -> float:
+        return self.bytes_written / max(self.frames, 1)
+
+
+def collect(cfg: CollectConfig) -> CollectStats:
     """Collect `cfg.episodes` episodes into the store, skipping those already on disk."""
     run = start_run(cfg, "collect", torch_needed=False)
     store = EpisodeStore.create(cfg.store_path(), _store_info(cfg))
@@ -222,31 +260,37 @@ def main(cfg: CollectConfig) -> int:
         f"collect: {cfg.env_id}, policy {cfg.policy}, {cfg.episodes} episodes "
         f"({len(have & set(range(cfg.episodes)))} already on disk), store {store.path}"
     )
+    stats = CollectStats(0, 0, 0.0, 0, [])
     if not todo:
         run.log.info("collect: nothing to do, every episode is on disk")
         run.close()
-        return 0
+        return stats
     results = _inline_results(cfg, todo) if cfg.backend == "inline" else _ray_results(cfg, todo)
     t0 = time.perf_counter()
-    frames = bytes_written = 0
-    returns = []
     bar = progress(total=len(todo), unit="ep", desc="collect", disable=not cfg.progress)
     try:
         for index, payload, steps, ret in results:
             store.write_episode(index, payload)
-            frames += steps + 1
-            bytes_written += len(payload)
-            returns.append(ret)
+            stats.episodes += 1
+            stats.frames += steps + 1
+            stats.bytes_written += len(payload)
+            stats.returns.append(ret)
             run.scalars(index, episode_return=ret, episode_steps=steps)
+            stats.seconds = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(fps=f"{frames / (time.perf_counter() - t0):.0f}", ret=f"{ret:.1f}")
+            bar.set_postfix(fps=f"{stats.frames_per_s:.0f}", ret=f"{ret:.1f}")
     finally:
         bar.close()
-    elapsed = time.perf_counter() - t0
     run.log.info(
-        f"collect: {len(returns)} episodes, {frames} frames in {elapsed:.1f}s "
-        f"({frames / elapsed:.0f} frames/s), {bytes_written / max(frames, 1):.0f} bytes/frame, "
-        f"mean return {np.mean(returns):.1f} +- {np.std(returns):.1f}"
+        f"collect: {stats.episodes} episodes, {stats.frames} frames in {stats.seconds:.1f}s "
+        f"({stats.frames_per_s:.0f} frames/s), {stats.bytes_per_frame:.0f} bytes/frame, "
+        f"mean return {np.mean(stats.returns):.1f} +- {np.std(stats.returns):.1f}"
     )
     run.close()
+    return stats
+
+
+def main(cfg: CollectConfig) -> int:
+    """`wm collect`."""
+    collect(cfg)
     return 0

@@ -22,8 +22,14 @@ def test_save_load_round_trip_and_latest_pointer(tmp_path):
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, step, model.state_dict(), {"optim": opt.state_dict(),
-                        "rng": rng_state(), "epoch": step}, {"z_dim": 8}, keep=2)
+        save_checkpoint(
+            tmp_path,
+            step,
+            model.state_dict(),
+            {"optim": opt.state_dict(), "rng": rng_state(), "epoch": step},
+            {"z_dim": 8},
+            keep=2,
+        )
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000004"]
     assert latest_checkpoint(tmp_path).name == "step_00000004"
     ck = load_checkpoint(tmp_path)

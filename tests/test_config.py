@@ -65,7 +65,10 @@ def test_validation_errors_name_the_key(data, message):
 
 def test_parse_overrides_types():
     assert parse_overrides(["a.b=3", "c=true", "d=x y", "e=1e-3"]) == {
-        "a": {"b": 3}, "c": True, "d": "x y", "e": "1e-3",
+        "a": {"b": 3},
+        "c": True,
+        "d": "x y",
+        "e": "1e-3",
     }
     assert from_dict(Demo, {"lr": "1e-3"}).lr == 1e-3  # YAML 1.1 leaves "1e-3" a string
     with pytest.raises(ConfigError, match="expected key=value"):

@@ -30,11 +30,15 @@ SECTIONS = ("collect", "vae", "encode", "mdnrnn", "controller", "evaluate", "fid
 
 COMMANDS: dict[str, Command] = {
     "collect": Command(
-        "rollouts.collect", "CollectConfig", "collect episodes from a gymnasium pixel env in parallel",
+        "rollouts.collect",
+        "CollectConfig",
+        "collect episodes from a gymnasium pixel env in parallel",
         section="collect",
     ),
     "check-data": Command(
-        "rollouts.store", "CheckConfig", "verify every episode of a rollout store; list bad ones",
+        "rollouts.store",
+        "CheckConfig",
+        "verify every episode of a rollout store; list bad ones",
         func="check_main",
     ),
 }
@@ -71,7 +75,9 @@ def _add_command(sub, name: str, cmd: Command, argv: list[str]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="settings that override the file"
+    )
     p.set_defaults(command=cmd, command_name=name)
 
 
@@ -108,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         cls, func = _load_command(args.command)
         others = tuple(s for s in SECTIONS if s != args.command.section)
         cfg = load_config(
-            cls, args.config, args.overrides, section=args.command.section or None,
+            cls,
+            args.config,
+            args.overrides,
+            section=args.command.section or None,
             other_sections=others,
         )
         result = func(cfg)
