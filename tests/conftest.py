@@ -14,3 +14,17 @@ SHARED = REPO.parent / "shared"
 def shared_dir() -> Path:
     """The reference data folder beside the repo (`../shared`)."""
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny test models run fastest on one thread, and CI's two cores are shared."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
