@@ -20,6 +20,7 @@ import numpy as np
 from gen_core.config import ConfigError, setting
 from gen_core.errors import UserError
 from gen_core.runs import RunConfig, progress, start_run
+from rollouts.parallel import ActorPool
 from rollouts.policies import POLICIES, make_policy
 from rollouts.store import EpisodeStore, StoreInfo, encode_episode
 
@@ -136,9 +137,6 @@ class EpisodeWorker:
         self.env = make_env(cfg.env_id, cfg.max_steps)
         self.policy = make_policy(cfg.policy, self.env.action_space, **cfg.policy_params)
 
-    def ready(self) -> bool:
-        return True
-
     def play(self, index: int) -> tuple[int, bytes, int, float]:
         """(index, compressed episode, steps, return) of episode `index`."""
         env_seed, policy_seed = episode_seeds(self.cfg.seed, index)
@@ -164,71 +162,6 @@ def _inline_results(cfg: CollectConfig, todo: list[int]):
     worker = EpisodeWorker(cfg)
     for index in todo:
         yield worker.play(index)
-
-
-def _ray_results(cfg: CollectConfig, todo: list[int]):
-    """Start a pool of Ray actors, wait until they are ready, and return an iterator of finished
-    episodes. A dead actor is replaced and its episode rerun, so no episode is lost and the loop
-    never waits on a dead worker; an episode whose worker dies `MAX_RETRIES` times is an error."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, private cluster
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=cfg.n_workers(), include_dashboard=False, log_to_driver=False)
-    try:
-        remote_worker = ray.remote(num_cpus=1, max_restarts=0)(EpisodeWorker)
-        actors = [remote_worker.remote(cfg) for _ in range(min(cfg.n_workers(), len(todo)))]
-        ray.get([a.ready.remote() for a in actors])  # envs built: timing starts after this
-    except BaseException:
-        if started_here:
-            ray.shutdown()
-        raise
-    return _drain_pool(ray, remote_worker, actors, cfg, todo, started_here)
-
-
-MAX_RETRIES = 3
-
-
-def _drain_pool(ray, remote_worker, actors, cfg, todo, shutdown: bool):
-    from ray.exceptions import RayActorError, WorkerCrashedError
-
-    queue = list(reversed(todo))
-    retries: dict[int, int] = {}
-    in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor slot, episode index)
-
-    def submit(slot: int) -> None:
-        if queue:
-            index = queue.pop()
-            in_flight[actors[slot].play.remote(index)] = (slot, index)
-
-    try:
-        for slot in range(len(actors)):
-            submit(slot)
-        while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            slot, index = in_flight.pop(done[0])
-            try:
-                result = ray.get(done[0])
-            except (RayActorError, WorkerCrashedError) as err:
-                retries[index] = retries.get(index, 0) + 1
-                if retries[index] > MAX_RETRIES:
-                    raise UserError(
-                        f"episode {index}: its worker died {MAX_RETRIES + 1} times "
-                        f"({type(err).__name__}); see the Ray logs"
-                    ) from None
-                actors[slot] = remote_worker.remote(cfg)
-                queue.append(index)
-                submit(slot)
-                continue
-            submit(slot)
-            yield result
-    finally:
-        if shutdown:
-            ray.shutdown()
 
 
 @dataclass
@@ -265,7 +198,13 @@ def collect(cfg: CollectConfig) -> CollectStats:
         run.log.info("collect: nothing to do, every episode is on disk")
         run.close()
         return stats
-    results = _inline_results(cfg, todo) if cfg.backend == "inline" else _ray_results(cfg, todo)
+    pool = None
+    if cfg.backend == "ray":  # built before timing starts: workers' start-up is not collection
+        n = min(cfg.n_workers(), len(todo))
+        pool = ActorPool(EpisodeWorker, (cfg,), n=n, ray_address=cfg.ray_address)
+        results = (result for _, result in pool.map_unordered("play", todo))
+    else:
+        results = _inline_results(cfg, todo)
     t0 = time.perf_counter()
     bar = progress(total=len(todo), unit="ep", desc="collect", disable=not cfg.progress)
     try:
@@ -281,6 +220,8 @@ def collect(cfg: CollectConfig) -> CollectStats:
             bar.set_postfix(fps=f"{stats.frames_per_s:.0f}", ret=f"{ret:.1f}")
     finally:
         bar.close()
+        if pool is not None:
+            pool.close()
     run.log.info(
         f"collect: {stats.episodes} episodes, {stats.frames} frames in {stats.seconds:.1f}s "
         f"({stats.frames_per_s:.0f} frames/s), {stats.bytes_per_frame:.0f} bytes/frame, "
