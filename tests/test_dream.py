@@ -1,0 +1,129 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from gen_core.mdnrnn import MDNRNN, MDNRNNConfig
+from worldmodels.controller import BatchController, ControllerSpec, controller_obs
+from worldmodels.dream import (
+    DREAM_ENV_ID,
+    DreamEnv,
+    DreamVectorEnv,
+    StartStates,
+    dream_returns,
+)
+
+Z, H = 4, 8
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return MDNRNN(MDNRNNConfig(z_dim=Z, action_dim=3, hidden=H, n_mixtures=2))
+
+
+def starts(m, n=6):
+    rng = np.random.default_rng(0)
+    eps = [
+        {
+            "mu": rng.normal(size=(30, Z)).astype(np.float32),
+            "actions": rng.uniform(0, 1, (29, 3)).astype(np.float32),
+        }
+        for _ in range(3)
+    ]
+    return StartStates.from_episodes(m, eps, n, warmup=5, max_start=10, seed=1)
+
+
+def kwargs(m, **kw):
+    return dict(model=m, start_states=starts(m), action_low=[-1, 0, 0], action_high=[1, 1, 1], **kw)
+
+
+def test_start_states_carry_real_warmup_context():
+    m = model()
+    s = starts(m)
+    assert s.z.shape == (6, Z) and s.h.shape == s.c.shape == (6, H)
+    assert s.h.abs().sum() > 0  # h was filled by running M over real steps
+    cold = StartStates.from_episodes(
+        m, [{"mu": np.zeros((5, Z), np.float32), "actions": np.zeros((4, 3), np.float32)}], 2
+    )
+    assert torch.equal(cold.h, torch.zeros(2, H))
+
+
+def test_single_dream_passes_gymnasium_env_checker():
+    env = DreamEnv(**kwargs(model(), max_steps=20))
+    check_env(env, skip_render_check=True)
+
+
+def test_vector_dream_api_spaces_and_autoreset():
+    env = gym.make_vec(
+        DREAM_ENV_ID,
+        num_envs=3,
+        vectorization_mode="vector_entry_point",
+        **kwargs(model(), max_steps=4),
+    )
+    assert isinstance(env, DreamVectorEnv)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (3, Z + H) and env.observation_space.contains(obs)
+    for _ in range(4):
+        obs, r, term, trunc, _ = env.step(env.action_space.sample())
+        assert obs.shape == (3, Z + H) and r.shape == term.shape == trunc.shape == (3,)
+        assert r.dtype == np.float64 and term.dtype == np.bool_
+    assert trunc.all()  # time limit after 4 steps
+    obs, r, term, trunc, _ = env.step(env.action_space.sample())  # next-step autoreset
+    assert (r == 0).all() and not term.any() and not trunc.any()
+
+
+def rollout(env, seed, steps=15):
+    obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng(7)
+    out = [obs]
+    for _ in range(steps):
+        obs, r, *_ = env.step(rng.uniform([-1, 0, 0], [1, 1, 1], (2, 3)).astype(np.float32))
+        out += [obs, r]
+    return out
+
+
+def test_dream_is_deterministic_for_a_fixed_seed():
+    m = model()
+    a = rollout(DreamVectorEnv(num_envs=2, **kwargs(m, max_steps=50)), seed=3)
+    b = rollout(DreamVectorEnv(num_envs=2, **kwargs(m, max_steps=50)), seed=3)
+    c = rollout(DreamVectorEnv(num_envs=2, **kwargs(m, max_steps=50)), seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_temperature_zero_is_deterministic_whatever_the_seed():
+    m = model()
+    a = rollout(DreamVectorEnv(num_envs=2, **kwargs(m, temperature=0.0)), seed=3)
+    b = rollout(DreamVectorEnv(num_envs=2, **kwargs(m, temperature=0.0)), seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batched_population_returns_match_the_vector_env(temperature):
+    """The fast path CMA-ES uses gives the same returns as stepping the gymnasium env."""
+    m = model()
+    s = starts(m)
+    spec = ControllerSpec(z_dim=Z, hidden=H)
+    P, N, T = 3, 2, 12
+    params = torch.randn(P, spec.n_params)
+    ctrl = BatchController(params, spec)
+    idx = torch.tensor([0, 1] * P)
+
+    def policy(z, h):
+        return ctrl(controller_obs(z, h, spec).view(P, N, -1)).view(P * N, -1)
+
+    g = torch.Generator().manual_seed(5)
+    fast = dream_returns(m, policy, s, idx, T, temperature, generator=g)
+    # Same rollouts through the env API: start states forced, same generator stream.
+    env = DreamVectorEnv(num_envs=P * N, **kwargs(m, temperature=temperature, max_steps=T))
+    env.reset(seed=0)
+    env.z, env.h, env.c = s.take(idx)
+    env._generator.manual_seed(5)
+    total = np.zeros(P * N)
+    obs = env._obs()
+    for _ in range(T):
+        o = torch.as_tensor(obs).view(P, N, -1)
+        obs, r, term, trunc, _ = env.step(ctrl(o).reshape(P * N, 3).numpy())
+        total += r
+    np.testing.assert_allclose(fast.numpy(), total, rtol=1e-5, atol=1e-5)
