@@ -153,6 +153,7 @@ def _store_info(cfg: CollectConfig) -> StoreInfo:
             env_id=cfg.env_id,
             action_dim=int(np.prod(env.action_space.shape)),
             raw=cfg.keep_raw,
+            crop_bottom=cfg.crop_bottom,
         )
     finally:
         env.close()

@@ -95,6 +95,7 @@ class StoreInfo:
     env_id: str
     action_dim: int
     raw: bool = False
+    crop_bottom: int = 0  # rows cut from the env frame before resizing
     extra: dict[str, Any] | None = None
 
 
@@ -122,12 +123,13 @@ class EpisodeStore:
             "env_id": info.env_id,
             "action_dim": info.action_dim,
             "raw": info.raw,
+            "crop_bottom": info.crop_bottom,
             **({"extra": info.extra} if info.extra else {}),
         }
         if (store.path / "store.json").exists():
             old = store.info()
-            for key in ("frame_shape", "env_id", "action_dim", "raw"):
-                if meta[key] != old.get(key):
+            for key in ("frame_shape", "env_id", "action_dim", "raw", "crop_bottom"):
+                if meta[key] != old.get(key, 0 if key == "crop_bottom" else None):
                     raise UserError(
                         f"{store.path}: existing store has {key}={old.get(key)!r}, this run asks "
                         f"for {meta[key]!r}; use another store path or matching settings"

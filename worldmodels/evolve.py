@@ -28,6 +28,7 @@ from gen_core.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from gen_core.errors import UserError
 from gen_core.runs import Run, progress
 
 with warnings.catch_warnings():
@@ -53,6 +54,8 @@ class ESResult:
     best_return: float
     mean_params: np.ndarray
     generations: int
+    scored_params: np.ndarray | None  # mean parameters with the best `eval_fn` score so far
+    scored_return: float
     history: dict[str, list] = field(default_factory=dict)  # per generation curves
 
 
@@ -84,6 +87,7 @@ def evolve(
     hist_f: list[np.ndarray] = []
     curves: dict[str, list] = {"best": [], "mean": [], "worst": [], "eval_gen": [], "eval": []}
     best_params, best_return = np.zeros(n_params), -np.inf
+    scored_params, scored_return = None, -np.inf
     start = 0
     if latest_checkpoint(ckpt_dir) is not None:
         ck = load_checkpoint(ckpt_dir)
@@ -97,6 +101,9 @@ def evolve(
         curves = ck.state["curves"]
         best_params = ck.model["best_params"].numpy()
         best_return = float(ck.state["best_return"])
+        if "scored_params" in ck.model:
+            scored_params = ck.model["scored_params"].numpy()
+            scored_return = float(ck.state["scored_return"])
         start = ck.step
         if run is not None:
             run.log.info(f"evolve: resumed from {ck.path} (generation {start})")
@@ -124,6 +131,8 @@ def evolve(
         )
         if eval_fn is not None and settings.eval_every and (gen + 1) % settings.eval_every == 0:
             m, sd = eval_fn(np.asarray(es.mean))
+            if m > scored_return:
+                scored_params, scored_return = np.asarray(es.mean).copy(), float(m)
             curves["eval_gen"].append(gen + 1)
             curves["eval"].append(float(m))
             line += f"; mean params scored {m:.2f} +- {sd:.2f}"
@@ -139,18 +148,50 @@ def evolve(
             if curves["eval_gen"] and curves["eval_gen"][-1] == gen + 1:
                 run.scalars(gen + 1, return_of_mean_params=curves["eval"][-1])
         bar.set_postfix(best=f"{returns.max():.1f}", mean=f"{returns.mean():.1f}")
+        arrays = {
+            "candidates": [torch.from_numpy(x) for x in hist_x],
+            "fitness": [torch.from_numpy(f) for f in hist_f],
+            "best_params": torch.from_numpy(best_params),
+            "mean_params": torch.from_numpy(np.asarray(es.mean)),
+        }
+        if scored_params is not None:
+            arrays["scored_params"] = torch.from_numpy(scored_params)
         save_checkpoint(
             ckpt_dir,
             gen + 1,
+            arrays,
             {
-                "candidates": [torch.from_numpy(x) for x in hist_x],
-                "fitness": [torch.from_numpy(f) for f in hist_f],
-                "best_params": torch.from_numpy(best_params),
-                "mean_params": torch.from_numpy(np.asarray(es.mean)),
+                "rng": rng_state(),
+                "curves": curves,
+                "best_return": best_return,
+                "scored_return": scored_return,
             },
-            {"rng": rng_state(), "curves": curves, "best_return": best_return},
             config,
             keep=2,  # each checkpoint holds the whole history; two are enough to survive a kill
         )
     bar.close()
-    return ESResult(best_params, best_return, np.asarray(es.mean), settings.generations, curves)
+    return ESResult(
+        best_params,
+        best_return,
+        np.asarray(es.mean),
+        settings.generations,
+        scored_params,
+        scored_return,
+        curves,
+    )
+
+
+def load_controller_params(path: Path, which: str = "auto") -> tuple[np.ndarray, dict]:
+    """Controller parameters from an evolve checkpoint, and the config that made them.
+
+    which: "scored" (mean parameters with the best evaluation score), "mean" (the final
+    CMA-ES mean), "best" (the best single candidate, a noisy pick), or "auto" (scored if any
+    evaluation ran, else mean).
+    """
+    ck = load_checkpoint(path)
+    if which == "auto":
+        which = "scored" if "scored_params" in ck.model else "mean"
+    key = f"{which}_params"
+    if key not in ck.model:
+        raise UserError(f"{ck.path}: no {which} parameters (no evaluation ran); use params=mean")
+    return ck.model[key].double().numpy(), ck.config
