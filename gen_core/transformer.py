@@ -12,12 +12,13 @@ Two input modes share every block:
 * continuous vectors `(B, T, input_dim)` through a linear input projection, with a linear head
   of `output_dim` (e.g. a world model over concatenated (z, a) vectors); the loss is then MSE.
 
-Generation keeps a per-layer key/value cache so that each new token costs one position's worth
-of compute instead of a forward pass over the whole context. Learned *absolute* position
-embeddings make every cached key depend on its position, so once the context window is full the
-cache cannot be rolled exactly; `generate` then recomputes the cropped window (the last
-`block_size` tokens) with a fresh prefill, which is exactly what a sampler without a cache does.
-Per-token cost therefore grows with the text only until the window is full and stays flat after.
+Generation keeps a per-layer key/value cache, so that inside the context window each new token
+costs one position's worth of compute (plus attention over the cached keys) instead of a forward
+pass over everything so far. Learned *absolute* position embeddings make every cached key depend
+on its position, so a full cache cannot be rolled exactly: once the text outgrows the window,
+`generate` recomputes the cropped window (the last `block_size` tokens) in one pass per token,
+which is exactly what a sampler without a cache does. Per-token cost thus stays flat as the text
+grows; the cache's saving is largest for long windows and vanishes past the window's end.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from torch.nn import functional as F
 @dataclass
 class TransformerConfig:
     block_size: int = 64  # context window: the most positions the model attends over
-    vocab_size: int = 65  # token ids are in [0, vocab_size); unused when input and output are continuous
+    vocab_size: int = (
+        65  # token ids are in [0, vocab_size); unused when input and output are continuous
+    )
     n_layer: int = 4  # number of Transformer blocks
     n_head: int = 4  # attention heads per block; n_embd must divide by it
     n_embd: int = 128  # width of the residual stream
@@ -189,7 +192,7 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
-                f"sequence of {past + T} positions is longer than block_size {self.config.block_size}"
+                f"{past + T} positions exceed the context window of {self.config.block_size}"
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
@@ -274,13 +277,16 @@ class Transformer(nn.Module):
             cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
         try:
             for _ in range(max_new_tokens):
-                if cache is None:
-                    x = self.hidden(idx[:, -block:])  # (B, T, C): the whole window, every step
-                elif cache.length == 0 or cache.length + 1 > block:
-                    cache.reset()  # (re)fill: the prompt, or the cropped window once it is full
-                    x = self.hidden(idx[:, -block:], cache)  # (B, T, C)
-                else:
+                if cache is not None and 0 < cache.length < block:
                     x = self.hidden(idx[:, -1:], cache)  # (B, 1, C): only the newest token
+                else:
+                    # the prompt, or every step once the window is full: the cropped window in
+                    # one pass. Its keys and values are cached only while a next token still fits
+                    # the window; after that each step shifts every position, so none can be reused
+                    fill = cache if cache is not None and idx.size(1) < block else None
+                    if fill is not None:
+                        fill.reset()
+                    x = self.hidden(idx[:, -block:], fill)  # (B, T, C)
                 logits = self.lm_head(x[:, -1, :])  # (B, V): only the last position is needed
                 idx_next = _sample(logits, temperature, top_k, generator)  # (B, 1)
                 idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)

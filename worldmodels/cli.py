@@ -44,7 +44,19 @@ COMMANDS: dict[str, Command] = {
 }
 
 # `wm gen <name>`: standalone image and text generation from the core models.
-GEN_COMMANDS: dict[str, Command] = {}
+GEN_COMMANDS: dict[str, Command] = {
+    "train-text": Command(
+        "worldmodels.gen.text",
+        "TrainTextConfig",
+        "train a character- or byte-level Transformer on a text file",
+    ),
+    "sample-text": Command(
+        "worldmodels.gen.text",
+        "SampleTextConfig",
+        "sample text from a train-text checkpoint",
+        func="sample_main",
+    ),
+}
 
 
 def _load_command(cmd: Command):

@@ -1,0 +1,1 @@
+"""`wm gen ...`: standalone generation from the core models (text, images)."""
