@@ -33,6 +33,21 @@ class ConfigError(UserError):
     """A config key is unknown, mistyped or out of range."""
 
 
+class Override(str):
+    """A command-line value: the text as typed, plus its reading as YAML in `.parsed`.
+
+    A string setting takes the text as typed (so `prompt=ROMEO:` stays "ROMEO:" instead of
+    becoming a YAML mapping); every other setting takes the YAML reading (`3`, `true`, `[1, 2]`).
+    """
+
+    parsed: Any
+
+    def __new__(cls, raw: str, parsed: Any) -> Override:
+        obj = super().__new__(cls, raw)
+        obj.parsed = parsed
+        return obj
+
+
 def setting(
     default: Any = _MISSING,
     doc: str = "",
@@ -94,9 +109,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
+    if isinstance(value, Override):
+        return _coerce_override(value, tp, key)
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
-        return value
+        return _unwrap(value)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -145,10 +162,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise bad
-        return dict(value)
+        return _unwrap(dict(value))
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -156,6 +173,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return from_dict(tp, value, prefix=f"{key}.")
     raise ConfigError(f"{key}: unsupported setting type {tp!r}")
+
+
+def _coerce_override(value: Override, tp: Any, key: str) -> Any:
+    """A command-line value: the typed text for string settings, its YAML reading otherwise."""
+    if tp is str:
+        return str(value)
+    if typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp):
+        if value.parsed is None and type(None) in typing.get_args(tp):
+            return None  # key=null
+        return str(value)
+    return _coerce(value.parsed, tp, key)
+
+
+def _unwrap(value: Any) -> Any:
+    """Command-line values inside free-form mappings become their YAML readings."""
+    if isinstance(value, Override):
+        return value.parsed
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
 
 
 def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
@@ -231,9 +270,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"{item}: expected key=value with a non-empty dotted key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            value = raw
+            parsed = raw
+        value = Override(raw, parsed)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

@@ -7,6 +7,7 @@ from gen_core.config import (
     ConfigError,
     describe,
     dump_yaml,
+    to_dict,
     from_dict,
     load_config,
     parse_overrides,
@@ -63,13 +64,29 @@ def test_validation_errors_name_the_key(data, message):
     assert "\n" not in str(err.value)
 
 
+@dataclass
+class Texts:
+    prompt: str = setting("", "text typed on the command line")
+    name: str | None = setting(None, "optional text")
+    params: dict = setting({}, "free-form mapping")
+    count: int = setting(1, "a number")
+
+
+def test_command_line_text_stays_as_typed():
+    cfg = load_config(Texts, None, ["prompt=ROMEO:", "name=yes", "params.action=[0, 1, 0]",
+                                    "count=3"])
+    assert cfg.prompt == "ROMEO:" and cfg.name == "yes" and cfg.count == 3
+    assert cfg.params == {"action": [0, 1, 0]}
+    assert load_config(Texts, None, ["name=null", "prompt=007"]) == Texts(prompt="007")
+    import yaml
+
+    yaml.safe_dump(to_dict(cfg))  # plain data only: the resolved config can be written
+
+
 def test_parse_overrides_types():
-    assert parse_overrides(["a.b=3", "c=true", "d=x y", "e=1e-3"]) == {
-        "a": {"b": 3},
-        "c": True,
-        "d": "x y",
-        "e": "1e-3",
-    }
+    parsed = parse_overrides(["a.b=3", "c=true", "d=x y", "e=1e-3"])
+    assert (parsed["a"]["b"].parsed, parsed["c"].parsed, parsed["d"].parsed) == (3, True, "x y")
+    assert parsed["c"] == "true"  # the text as typed is kept too
     assert from_dict(Demo, {"lr": "1e-3"}).lr == 1e-3  # YAML 1.1 leaves "1e-3" a string
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides(["novalue"])

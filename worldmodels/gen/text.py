@@ -101,9 +101,7 @@ class SampleTextConfig(RunConfig):
     checkpoint: str = setting(
         "", "a step folder, checkpoints folder or run stage folder (empty: runs_dir/run_name/text)"
     )
-    # Any, not str: a key=value override is read as YAML, so prompt=ROMEO: arrives as the
-    # mapping {"ROMEO": None}; validate() turns such values back into the text that was typed.
-    prompt: Any = setting("", "text the sample continues (empty: a new line)")
+    prompt: str = setting("", "text the sample continues (empty: a new line)")
     n_tokens: int = setting(500, "tokens to generate", min=1)
     temperature: float = setting(
         0.8, "softmax temperature (0: always the most likely token)", min=0.0
@@ -113,24 +111,7 @@ class SampleTextConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.prompt = _yaml_value_as_text(self.prompt) or "\n"  # as nanoGPT's sample.py
-
-
-def _yaml_value_as_text(value: Any) -> str:
-    """The text a user most likely typed for a value that YAML parsed into something else."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and len(value) == 1:  # "ROMEO:" or "KING: Hello"
-        ((key, val),) = value.items()
-        rest = "" if val is None else " " + _yaml_value_as_text(val)
-        return f"{_yaml_value_as_text(key)}:{rest}"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return ""
-    if isinstance(value, (int, float)):
-        return str(value)
-    raise ConfigError(f"prompt: expected text, got {value!r} (quote it: prompt=\"'...'\")")
+        self.prompt = self.prompt or "\n"  # as nanoGPT's sample.py
 
 
 # ----------------------------------------------------------------------------------------------
