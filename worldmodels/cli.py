@@ -21,14 +21,22 @@ class Command:
     module: str  # where `main(cfg)` and the config class live
     config: str  # the config class's name in that module
     help: str  # one line for `wm --help`
-    section: str = ""  # the section of a pipeline YAML file this stage reads (default: none)
+    section: str = ""  # the section of a pipeline YAML file this stage reads ("*": the whole file)
     func: str = "main"
 
 
 # Sections of a pipeline file that belong to one stage each.
-SECTIONS = ("collect", "vae", "encode", "mdnrnn", "controller", "evaluate", "fidelity")
+SECTIONS = (
+    "collect", "vae", "encode", "mdnrnn", "dream", "controller", "evaluate", "fidelity",
+)
 
 COMMANDS: dict[str, Command] = {
+    "pipeline": Command(
+        "worldmodels.pipeline",
+        "PipelineConfig",
+        "the whole chain (collect .. evaluate) from one config, skipping finished stages",
+        section="*",
+    ),
     "collect": Command(
         "rollouts.collect",
         "CollectConfig",
@@ -40,6 +48,43 @@ COMMANDS: dict[str, Command] = {
         "CheckConfig",
         "verify every episode of a rollout store; list bad ones",
         func="check_main",
+    ),
+    "train-vae": Command(
+        "worldmodels.vae",
+        "TrainVAEConfig",
+        "train the VAE (V) on the frames of a rollout store",
+        section="vae",
+    ),
+    "encode": Command(
+        "worldmodels.vae",
+        "EncodeConfig",
+        "encode every stored episode to VAE latents (mu, logvar per frame)",
+        section="encode",
+        func="encode_main",
+    ),
+    "train-mdnrnn": Command(
+        "worldmodels.mdnrnn",
+        "TrainMDNRNNConfig",
+        "train M (MDN-RNN: next latent, reward, episode end) on encoded episodes",
+        section="mdnrnn",
+    ),
+    "dream-video": Command(
+        "worldmodels.dream_video",
+        "DreamVideoConfig",
+        "GIF of a real episode beside M's dream of it (decoded with V)",
+        section="dream",
+    ),
+    "train-controller": Command(
+        "worldmodels.train_controller",
+        "TrainControllerConfig",
+        "evolve C with CMA-ES in the real env (Ray) or inside M's dream",
+        section="controller",
+    ),
+    "evaluate": Command(
+        "worldmodels.evaluate",
+        "EvaluateConfig",
+        "score a controller or a baseline policy over N real-env episodes",
+        section="evaluate",
     ),
 }
 
@@ -55,6 +100,23 @@ GEN_COMMANDS: dict[str, Command] = {
         "SampleTextConfig",
         "sample text from a train-text checkpoint",
         func="sample_main",
+    ),
+    "train-image": Command(
+        "worldmodels.gen.image",
+        "TrainImageConfig",
+        "train an image generator (vae, dcgan, wgan-gp, ddpm) on a rollout store or image folder",
+    ),
+    "sample": Command(
+        "worldmodels.gen.image",
+        "SampleImageConfig",
+        "write a PNG grid of samples from a train-image checkpoint",
+        func="sample_main",
+    ),
+    "eval": Command(
+        "worldmodels.gen.image",
+        "EvalImageConfig",
+        "Fréchet distance and memorisation of a train-image checkpoint, as one JSON line",
+        func="eval_main",
     ),
 }
 
@@ -113,6 +175,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless: never open a window
+    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine (Ray workers,
+    # a data-loading thread) spinning threads slowed torch about 10x. Read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     prog = "wm"
     try:
         parser = build_parser(argv)
@@ -124,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         from gen_core.config import load_config
 
         cls, func = _load_command(args.command)
-        others = tuple(s for s in SECTIONS if s != args.command.section)
+        section = args.command.section
+        whole_file = section == "*"
+        others = () if whole_file else tuple(s for s in SECTIONS if s != section)
         cfg = load_config(
             cls,
             args.config,
             args.overrides,
-            section=args.command.section or None,
+            section=None if whole_file or not section else section,
             other_sections=others,
         )
         result = func(cfg)

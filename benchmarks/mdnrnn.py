@@ -1,0 +1,121 @@
+"""M on real encoded CarRacing data: held-out NLL per latent dimension vs a persistence baseline.
+
+Trains M through the toolkit's own `wm train-mdnrnn` code (`worldmodels.mdnrnn.main`) on a latent
+store (default: the small config's, `runs/carracing_small/latents`, made by `wm pipeline` or by
+collect -> train-vae -> encode), for a fixed time budget, then scores held-out episodes:
+
+- nll_per_dim: M's mixture NLL of z_{t+1} per latent dimension (z drawn from the posterior).
+- persistence_nll_per_dim: a Gaussian centred on z_t with the per-dimension variance of
+  z_{t+1} - z_t fitted on the training episodes (the "nothing moves" model).
+- reward_mse vs mean_reward_mse (predicting the training mean), done accuracy on the final steps
+  and on all steps, and training sequence-steps/s on this machine.
+
+    python benchmarks/mdnrnn.py [--latents DIR] [--epochs 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gen_core.checkpoint import load_checkpoint
+from gen_core.config import from_dict
+from worldmodels.latents import LatentStore
+from worldmodels.mdnrnn import (
+    TrainMDNRNNConfig,
+    load_episodes,
+    load_mdnrnn,
+    make_chunks,
+    split_episodes,
+)
+from worldmodels.mdnrnn import main as train_mdnrnn
+
+
+def persistence_nll(train, held) -> float:
+    """NLL per dim of N(z_t, var) for z_{t+1}, var fitted on training steps."""
+    diffs = np.concatenate([(c["z_next"] - c["z"])[c["mask"].bool()].numpy() for c in [train]])
+    var = diffs.var(axis=0) + 1e-8  # (z_dim,)
+    m = held["mask"].bool()
+    d = (held["z_next"] - held["z"])[m].numpy()
+    nll = 0.5 * (d**2 / var + np.log(2 * math.pi * var))
+    return float(nll.mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--latents", default="runs/carracing_small/latents")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=256)
+    args = p.parse_args()
+    latents = Path(args.latents)
+    if not LatentStore(latents).exists():
+        raise SystemExit(
+            f"{latents}: no latent store; run 'wm pipeline --config configs/carracing_small.yaml' "
+            "(or collect, train-vae, encode) first"
+        )
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    with tempfile.TemporaryDirectory() as root:
+        cfg = from_dict(
+            TrainMDNRNNConfig,
+            {
+                "runs_dir": root,
+                "run_name": "bench",
+                "latents": str(latents),
+                "epochs": args.epochs,
+                "hidden": args.hidden,
+                "progress": False,
+                "seed": 0,
+            },
+        )
+        t0 = time.perf_counter()
+        train_mdnrnn(cfg)
+        train_s = time.perf_counter() - t0
+        ck = load_checkpoint(Path(root) / "bench" / "mdnrnn" / "checkpoints")
+        model, _ = load_mdnrnn(ck.path)
+        episodes = load_episodes(LatentStore(latents), cfg)
+        train_idx, held_idx = split_episodes(len(episodes), cfg.heldout_fraction, cfg.seed)
+        rng = np.random.default_rng(123)
+        train = make_chunks([episodes[i] for i in train_idx], cfg.seq_len, rng, True, False)
+        held = make_chunks([episodes[i] for i in held_idx], cfg.seq_len, rng, True, False)
+        with torch.no_grad():
+            out = model(held["z"], held["actions"])
+            terms = model.loss(out, held["z_next"], held["rewards"], held["done"], held["mask"])
+        m = held["mask"].bool()
+        mean_reward = train["rewards"][train["mask"].bool()].mean()
+        mean_reward_mse = float(((held["rewards"][m] - mean_reward) ** 2).mean())
+        done_pred = (out.done_logit > 0)[m]
+        done_true = held["done"][m].bool()
+        final = done_true.nonzero().flatten()
+    tb_steps = sum(len(episodes[i].actions) for i in train_idx) * args.epochs / train_s
+    result = {
+        "name": "mdnrnn",
+        "nll_per_dim": round(float(terms["nll"]), 4),
+        "persistence_nll_per_dim": round(persistence_nll(train, held), 4),
+        "reward_mse": round(float(terms["reward_mse"]), 5),
+        "mean_reward_mse": round(mean_reward_mse, 5),
+        "reward_r2": round(1 - float(terms["reward_mse"]) / mean_reward_mse, 4),
+        "done_acc_final_steps": (
+            round(float(done_pred[final].float().mean()), 4) if len(final) else None
+        ),
+        "done_acc_all_steps": round(float((done_pred == done_true).float().mean()), 4),
+        "steps_per_s": round(tb_steps, 1),
+        "epochs": args.epochs,
+        "train_episodes": len(train_idx),
+        "heldout_episodes": len(held_idx),
+        "train_seconds": round(train_s, 1),
+        "units": "NLL in nats per latent dim (lower is better); steps_per_s = training "
+        "sequence-steps per second incl. data preparation, 2 cores",
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

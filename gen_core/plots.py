@@ -1,0 +1,124 @@
+"""Small PNG line charts drawn with Pillow (no matplotlib), and TensorBoard scalar reading.
+
+Enough for training curves in reports: several series, axes with a few labelled ticks, a legend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from gen_core.io import atomic_path
+
+COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    start = math.floor(lo / step) * step
+    ticks, t = [], start
+    while t <= hi + step * 1e-9:
+        if t >= lo - step * 1e-9:
+            ticks.append(round(t, 10))
+        t += step
+    return ticks
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-2:
+        return f"{v:.1e}"
+    return f"{v:.3g}"
+
+
+def line_chart(
+    path: str | Path,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    size: tuple[int, int] = (640, 400),
+) -> Path:
+    """Write a PNG with one line per named (xs, ys) series; returns the path."""
+    W, H = size
+    left, right, top, bottom = 70, 20, 34, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
+    if not points:
+        d.text((left, H // 2), "no data", fill="black", font=font)
+    else:
+        x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+        y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+        if x1 == x0:
+            x1 = x0 + 1
+        if y1 == y0:
+            y0, y1 = y0 - 1, y1 + 1
+        pad = 0.05 * (y1 - y0)
+        y0, y1 = y0 - pad, y1 + pad
+
+        def px(x: float, y: float) -> tuple[float, float]:
+            return (
+                left + (x - x0) / (x1 - x0) * (W - left - right),
+                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom),
+            )
+
+        for t in _nice_ticks(y0, y1):
+            _, yy = px(x0, t)
+            d.line([(left, yy), (W - right, yy)], fill=(230, 230, 230))
+            d.text((4, yy - 6), _fmt(t), fill="black", font=font)
+        for t in _nice_ticks(x0, x1):
+            xx, _ = px(t, y0)
+            d.line([(xx, H - bottom), (xx, H - bottom + 4)], fill="black")
+            d.text((xx - 10, H - bottom + 6), _fmt(t), fill="black", font=font)
+        d.rectangle([left, top, W - right, H - bottom], outline="black")
+        for i, (name, (xs, ys)) in enumerate(series.items()):
+            colour = COLOURS[i % len(COLOURS)]
+            pts = [px(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=2)
+            for p in pts if len(pts) <= 40 else []:
+                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
+            d.rectangle([left + 10, top + 8 + 14 * i, left + 22, top + 16 + 14 * i], fill=colour)
+            d.text((left + 26, top + 6 + 14 * i), name, fill="black", font=font)
+    d.text((left, 10), title, fill="black", font=font)
+    d.text(((W - len(xlabel) * 6) // 2, H - 20), xlabel, fill="black", font=font)
+    d.text((4, 18), ylabel, fill="black", font=font)
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return path
+
+
+def read_scalars(tb_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar series in a TensorBoard log folder: tag -> (steps, values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_dir = Path(tb_dir)
+    if not tb_dir.is_dir():
+        return {}
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags().get("scalars", []):
+        events = acc.Scalars(tag)
+        out[tag] = ([e.step for e in events], [e.value for e in events])
+    return out

@@ -1,0 +1,119 @@
+import numpy as np
+import torch
+
+from gen_core.checkpoint import load_checkpoint
+from gen_core.config import from_dict
+from worldmodels.cli import main as wm
+from worldmodels.latents import LatentStore
+from worldmodels.mdnrnn import (
+    Episode,
+    TrainMDNRNNConfig,
+    load_mdnrnn,
+    make_chunks,
+    reward_targets,
+)
+from worldmodels.mdnrnn import main as train_mdnrnn
+
+Z, A = 4, 3
+
+
+def write_latents(path, n=8, T=60, seed=0):
+    """Known dynamics: mu_{t+1} = 0.8 mu_t + 0.5 [a, a0]; reward = gas; ends at T."""
+    rng = np.random.default_rng(seed)
+    store = LatentStore(path)
+    store.write_info({"z_dim": Z})
+    for i in range(n):
+        a = rng.uniform(0, 1, (T, A)).astype(np.float32)
+        mu = np.zeros((T + 1, Z), np.float32)
+        mu[0] = rng.normal(size=Z)
+        for t in range(T):
+            mu[t + 1] = 0.8 * mu[t] + 0.5 * np.r_[a[t], a[t, :1]] + 0.02 * rng.normal(size=Z)
+        store.write_episode(
+            i,
+            {
+                "mu": mu,
+                "logvar": np.full_like(mu, -8.0),
+                "actions": a,
+                "rewards": a[:, 1].copy(),
+                "terminated": np.arange(T) == T - 1,
+                "truncated": np.zeros(T, bool),
+            },
+        )
+    return store
+
+
+def cfg_for(tmp_path, **kw):
+    base = dict(
+        runs_dir=str(tmp_path),
+        run_name="m",
+        latents=str(tmp_path / "lat"),
+        hidden=32,
+        n_mixtures=2,
+        seq_len=20,
+        batch_size=8,
+        epochs=2,
+        progress=False,
+        lr=3e-3,
+    )
+    return from_dict(TrainMDNRNNConfig, {**base, **kw})
+
+
+def test_chunks_cover_every_step_once():
+    ep = Episode(
+        mu=np.arange(11 * 2, dtype=np.float32).reshape(11, 2),
+        logvar=np.zeros((11, 2), np.float32),
+        actions=np.ones((10, 1), np.float32),
+        rewards=np.arange(10, dtype=np.float32),
+        done=np.zeros(10, np.float32),
+    )
+    ch = make_chunks([ep], 4, np.random.default_rng(3), sample_z=False, offset=True)
+    assert ch["z"].shape[1] == 4
+    m = ch["mask"].bool()
+    assert sorted(ch["rewards"][m].tolist()) == list(range(10))
+    # Each target is the next step's latent.
+    np.testing.assert_array_equal(ch["z_next"][m].numpy(), ch["z"][m].numpy() + 2)
+
+
+def test_progress_reward_target():
+    r = np.array([0, 0, 3, 0, 1], np.float32)
+    np.testing.assert_allclose(reward_targets(r, "progress", 2), [0, 1.5, 1.5, 0.5, 1])
+    np.testing.assert_array_equal(reward_targets(r, "raw", 2), r)
+
+
+def test_training_lowers_heldout_nll_and_resumes(tmp_path):
+    write_latents(tmp_path / "lat")
+    cfg = cfg_for(tmp_path, epochs=1)
+    assert train_mdnrnn(cfg) == 0
+    first = load_checkpoint(tmp_path / "m" / "mdnrnn" / "checkpoints")
+    assert first.step == 1
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=6)) == 0  # resumes at epoch 1
+    last = load_checkpoint(tmp_path / "m" / "mdnrnn" / "checkpoints")
+    assert last.step == 6
+    assert last.state["metrics"]["nll"] < first.state["metrics"]["nll"] - 0.5
+    log = (tmp_path / "m" / "mdnrnn" / "log.txt").read_text()
+    assert "resumed" in log and "epoch 6/6" in log
+    model, config = load_mdnrnn(tmp_path / "m" / "mdnrnn")
+    assert config["z_dim"] == Z and model.config.hidden == 32
+    out = model(torch.zeros(1, 3, Z), torch.zeros(1, 3, A))
+    assert out.mu.shape == (1, 3, Z, 2)
+
+
+def test_resume_with_other_shape_is_refused(tmp_path, capsys):
+    write_latents(tmp_path / "lat", n=3)
+    train_mdnrnn(cfg_for(tmp_path, epochs=1))
+    args = [
+        "train-mdnrnn",
+        f"runs_dir={tmp_path}",
+        "run_name=m",
+        f"latents={tmp_path / 'lat'}",
+        "hidden=64",
+        "epochs=2",
+        "progress=false",
+    ]
+    assert wm(args) == 2
+    assert "hidden is 32 in the checkpoint but 64" in capsys.readouterr().err
+
+
+def test_missing_latents_is_a_one_line_error(tmp_path, capsys):
+    assert wm(["train-mdnrnn", f"runs_dir={tmp_path}", "epochs=1"]) == 2
+    assert "run 'wm encode'" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""The World Models agent in the real env: V encodes the frame, C acts on [z, h], M updates h.
+
+Per step (Ha & Schmidhuber 2018, Fig. 1): z_t = V(obs_t) (posterior mean), a_t = C([z_t, h_t]),
+then h_{t+1} = M(z_t, a_t, h_t). `play_episode` runs one real episode and can record the frames
+and V's reconstructions for a side-by-side GIF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gen_core.checkpoint import load_checkpoint
+from gen_core.errors import UserError
+from gen_core.mdnrnn import MDNRNN
+from gen_core.vae import VAE, VAEConfig, images_to_float, images_to_uint8
+from rollouts.collect import preprocess
+from rollouts.store import EpisodeStore
+from worldmodels.controller import BatchController, ControllerSpec, controller_obs
+from worldmodels.mdnrnn import load_mdnrnn
+
+
+def load_vae(path: str | Path, map_location="cpu") -> tuple[VAE, dict]:
+    """V from a checkpoint (step folder, checkpoints folder or stage folder), in eval mode.
+
+    Returns the model and the config of the run that trained it.
+    """
+    ck = load_checkpoint(path, map_location=map_location)
+    if "vae_config" not in ck.state:
+        raise UserError(f"{ck.path}: not a VAE checkpoint (no vae_config); run 'wm train-vae'")
+    vcfg = dict(ck.state["vae_config"])
+    vcfg["widths"] = tuple(vcfg["widths"])
+    model = VAE(VAEConfig(**vcfg))
+    model.load_state_dict(ck.model)
+    model.eval()
+    return model, ck.config
+
+
+@dataclass
+class FrameSettings:
+    """How the env's frames become V's input (as the collection stored them)."""
+
+    size: int = 64
+    crop_bottom: int = 0
+
+
+@dataclass
+class WorldModelAgent:
+    """V + M + C acting in a real env; a callable `obs -> action` like any rollout policy."""
+
+    vae: VAE
+    mdnrnn: MDNRNN
+    spec: ControllerSpec
+    frames: FrameSettings = field(default_factory=FrameSettings)
+    params: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.controller = None
+        if self.params is not None:
+            self.set_params(self.params)
+        self.reset()
+
+    def set_params(self, params: np.ndarray) -> None:
+        self.params = np.asarray(params, dtype=np.float32)
+        self.controller = BatchController(self.params, self.spec)
+
+    def reset(self, seed: int | None = None) -> None:
+        self.state = self.mdnrnn.initial_state(1)
+        self.last_z = None
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        frame = preprocess(obs, self.frames.size, self.frames.crop_bottom)
+        x = images_to_float(torch.from_numpy(np.array(frame[None])))  # PIL arrays are read-only
+        z, _ = self.vae.encode(x)  # (1, z_dim) posterior mean
+        h = self.state[0][0]  # (1, hidden)
+        action = self.controller(controller_obs(z, h, self.spec)[None])[0]  # (1, A)
+        self.state = self.mdnrnn.step(z, action, self.state).state
+        self.last_z = z
+        return action[0].numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def reconstruction(self) -> np.ndarray:
+        """V's reconstruction of the last frame seen, (H, W, 3) uint8."""
+        return images_to_uint8(self.vae.decode(self.last_z))[0].numpy()
+
+
+def play_episode(env, policy, seed: int, max_steps: int, record: bool = False):
+    """One real episode: (return, steps, frames, reconstructions); frames only if `record`."""
+    obs, _ = env.reset(seed=seed)
+    if hasattr(policy, "reset"):
+        policy.reset(seed)
+    total, frames, recons = 0.0, [], []
+    for t in range(max_steps):
+        action = policy(obs)
+        if record:
+            frames.append(obs)
+            if hasattr(policy, "reconstruction"):
+                recons.append(policy.reconstruction())
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total += float(reward)
+        if terminated or truncated:
+            return total, t + 1, frames, recons
+    return total, max_steps, frames, recons
+
+
+def load_agent_parts(
+    vae_path: Path, mdnrnn_path: Path, store_path: Path, observe_hidden: bool = True
+):
+    """(V, M, controller spec, frame settings) from the run's checkpoints and store."""
+    vae, _ = load_vae(vae_path)
+    mdnrnn, _ = load_mdnrnn(mdnrnn_path)
+    if mdnrnn.config.z_dim != vae.config.z_dim:
+        raise UserError(
+            f"{mdnrnn_path}: M models z_dim {mdnrnn.config.z_dim} but V encodes "
+            f"{vae.config.z_dim}; retrain M on latents of this VAE"
+        )
+    spec = ControllerSpec(
+        z_dim=vae.config.z_dim,
+        hidden=mdnrnn.config.hidden if observe_hidden else 0,
+        action_dim=mdnrnn.config.action_dim,
+    )
+    info = EpisodeStore(store_path).info()
+    frames = FrameSettings(size=info["frame_shape"][0], crop_bottom=info.get("crop_bottom", 0))
+    return vae, mdnrnn, spec, frames

@@ -1,0 +1,152 @@
+"""`wm evaluate`: score a controller (or a baseline policy) over N real-env episodes.
+
+Episodes run in parallel Ray actors on tracks that training never saw (seeds from a separate
+range). Writes `score.json` (mean, std, every return) and, for a controller, a GIF of one episode
+with V's reconstruction beside the real frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from gen_core.config import setting
+from gen_core.io import atomic_path, atomic_write_text
+from gen_core.runs import RunConfig, progress, start_run
+from rollouts.collect import make_env
+from rollouts.parallel import ActorPool
+from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
+from worldmodels.evolve import load_controller_params
+from worldmodels.train_controller import RealEnvWorker
+
+EVAL_SEED_BASE = 1_000_000  # evaluation tracks never overlap the training seeds
+
+
+@dataclass
+class EvaluateConfig(RunConfig):
+    """Settings of `wm evaluate`."""
+
+    policy: str = setting(
+        "controller", "controller (the trained C), or a baseline: uniform, correlated, constant"
+    )
+    policy_params: dict[str, Any] = setting(
+        {}, "baseline policy arguments, e.g. {action: [0, 1, 0]}"
+    )
+    controller: str = setting(
+        "", "controller checkpoint (default: <run_dir>/controller/checkpoints)"
+    )
+    params: Literal["auto", "scored", "mean", "best"] = setting(
+        "auto", "which parameters: scored (best evaluated mean), mean, best candidate; auto"
+    )
+    vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
+    mdnrnn: str = setting("", "M checkpoint (default: <run_dir>/mdnrnn/checkpoints)")
+    store: str = setting("", "episode store V was trained on (default: <run_dir>/store)")
+    episodes: int = setting(100, "real-env episodes (tracks)", min=1)
+    env_id: str = setting("CarRacingFast-v3", "gymnasium env id")
+    max_steps: int = setting(1000, "steps per episode", min=1)
+    workers: int | None = setting(None, "Ray workers (default: one per core)", min=1)
+    ray_address: str | None = setting(None, "existing Ray cluster address (default: local)")
+    gif: bool = setting(True, "write a GIF of the first episode (controller: with V's view)")
+    gif_steps: int = setting(300, "steps shown in the GIF", min=1)
+    name: str = setting("", "output name under <run_dir>/evaluate/ (default: the policy name)")
+
+    def path(self, value: str, default: str) -> Path:
+        return Path(value) if value else self.run_dir / default
+
+    def n_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+
+def write_gif(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
+    """Write RGB frames (H, W, 3) uint8 as a looping GIF, atomically."""
+    images = [Image.fromarray(f) for f in frames]
+    with atomic_path(path, suffix=".gif") as tmp:
+        images[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=int(1000 / fps),
+            loop=0,
+        )
+
+
+def side_by_side(real: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """The env frame and V's reconstruction, scaled to the same height, side by side."""
+    h = real.shape[0]
+    rec = np.asarray(Image.fromarray(recon).resize((h, h), Image.Resampling.NEAREST))
+    gap = np.full((h, 2, 3), 255, np.uint8)
+    return np.concatenate([real, gap, rec], axis=1)
+
+
+def main(cfg: EvaluateConfig) -> int:
+    run = start_run(cfg, "evaluate")
+    name = cfg.name or cfg.policy
+    parts, params = None, None
+    if cfg.policy == "controller":
+        params, ctrl_cfg = load_controller_params(
+            cfg.path(cfg.controller, "controller/checkpoints"), cfg.params
+        )
+        parts = load_agent_parts(
+            cfg.path(cfg.vae, "vae/checkpoints"),
+            cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"),
+            cfg.path(cfg.store, "store"),
+            observe_hidden=ctrl_cfg.get("observe_hidden", True),
+        )
+    seeds = [EVAL_SEED_BASE + cfg.seed * 10_000 + i for i in range(cfg.episodes)]
+    returns = np.zeros(cfg.episodes)
+    pool = ActorPool(
+        RealEnvWorker,
+        (parts, cfg.env_id, cfg.max_steps, cfg.policy, cfg.policy_params),
+        n=min(cfg.n_workers(), cfg.episodes),
+        ray_address=cfg.ray_address,
+    )
+    bar = progress(total=cfg.episodes, desc=f"evaluate {name}", unit="ep", disable=not cfg.progress)
+    try:
+        items = [(i, params, s) for i, s in enumerate(seeds)]
+        for (i, _, _), ret in pool.map_unordered("play", items):
+            returns[i] = ret
+            bar.update(1)
+            bar.set_postfix(ret=f"{ret:.0f}")
+    finally:
+        bar.close()
+        pool.close()
+    out = run.dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    score = {
+        "policy": cfg.policy,
+        "mean": float(returns.mean()),
+        "std": float(returns.std()),
+        "episodes": cfg.episodes,
+        "max_steps": cfg.max_steps,
+        "env_id": cfg.env_id,
+        "returns": [round(float(r), 2) for r in returns],
+    }
+    atomic_write_text(out / "score.json", json.dumps(score, indent=2) + "\n")
+    run.log.info(
+        f"evaluate {name}: {returns.mean():.1f} +- {returns.std():.1f} over {cfg.episodes} "
+        f"episodes ({out / 'score.json'})"
+    )
+    if cfg.gif:
+        env = make_env(cfg.env_id, cfg.max_steps)
+        if parts is not None:
+            policy = WorldModelAgent(*parts)
+            policy.set_params(params)
+        else:
+            from rollouts.policies import make_policy
+
+            policy = make_policy(cfg.policy, env.action_space, **cfg.policy_params)
+        _, _, frames, recons = play_episode(env, policy, seeds[0], cfg.gif_steps, record=True)
+        if recons:
+            frames = [side_by_side(f, r) for f, r in zip(frames, recons)]
+        write_gif(out / "episode.gif", frames[::2])
+        run.log.info(f"evaluate {name}: GIF of episode 1 in {out / 'episode.gif'}")
+    print(json.dumps({k: v for k, v in score.items() if k != "returns"}))
+    run.close()
+    return 0

@@ -1,0 +1,277 @@
+"""`wm train-mdnrnn`: train M, the MDN-RNN, on the latent episodes written by `wm encode`.
+
+Every epoch draws each step's z afresh from the VAE posterior N(mu, exp(logvar)) as World Models
+did, cuts episodes into chunks of `seq_len` steps (truncated backprop through time, with a random
+offset per epoch so chunk borders move), and trains on shuffled batches of chunks. Held-out
+episodes give the NLL per latent dimension, the reward MSE and the done accuracy each epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from gen_core.checkpoint import (
+    check_compatible,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from gen_core.config import setting, to_dict
+from gen_core.errors import UserError
+from gen_core.mdnrnn import MDNRNN, MDNRNNConfig
+from gen_core.runs import RunConfig, progress, resolve_device, start_run
+from worldmodels.latents import LatentStore
+
+# Settings that fix the shapes of M's weights: a resume must match them.
+SHAPE_KEYS = ["hidden", "n_mixtures", "reward_target"]
+
+
+@dataclass
+class TrainMDNRNNConfig(RunConfig):
+    """Settings of `wm train-mdnrnn`."""
+
+    latents: str = setting("", "latent store from 'wm encode' (default: <run_dir>/latents)")
+    hidden: int = setting(256, "LSTM hidden units", min=1)
+    n_mixtures: int = setting(5, "Gaussians per latent dimension", min=1)
+    reward_weight: float = setting(1.0, "weight of the reward loss", min=0.0)
+    done_weight: float = setting(1.0, "weight of the episode-end loss", min=0.0)
+    done_pos_weight: float = setting(10.0, "weight of episode-end steps in their loss", min=0.0)
+    reward_target: Literal["raw", "progress"] = setting(
+        "raw",
+        "what the reward head learns: the raw step reward, or the progress rate "
+        "(mean of the next progress_window rewards, easier to predict than sparse tile bonuses)",
+    )
+    progress_window: int = setting(20, "steps averaged by reward_target=progress", min=1)
+    seq_len: int = setting(100, "steps per training chunk (truncated BPTT length)", min=2)
+    batch_size: int = setting(32, "chunks per batch", min=1)
+    epochs: int = setting(20, "passes over the training episodes", min=1)
+    lr: float = setting(1e-3, "Adam learning rate", min=0.0, min_inclusive=False)
+    grad_clip: float = setting(1.0, "gradient norm clip (0: none)", min=0.0)
+    sample_z: bool = setting(True, "draw z from N(mu, var) afresh each epoch (else use mu)")
+    heldout_fraction: float = setting(0.05, "fraction of episodes held out", min=0.0, max=0.5)
+
+    def latents_path(self) -> Path:
+        return Path(self.latents) if self.latents else self.run_dir / "latents"
+
+    def model_config(self, z_dim: int, action_dim: int) -> MDNRNNConfig:
+        return MDNRNNConfig(
+            z_dim=z_dim,
+            action_dim=action_dim,
+            hidden=self.hidden,
+            n_mixtures=self.n_mixtures,
+            reward_weight=self.reward_weight,
+            done_weight=self.done_weight,
+            done_pos_weight=self.done_pos_weight,
+        )
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Episode:
+    mu: np.ndarray  # (T+1, z_dim)
+    logvar: np.ndarray  # (T+1, z_dim)
+    actions: np.ndarray  # (T, action_dim)
+    rewards: np.ndarray  # (T,) the reward head's target
+    done: np.ndarray  # (T,) 1 where the env terminated
+
+
+def reward_targets(rewards: np.ndarray, target: str, window: int) -> np.ndarray:
+    """The raw rewards, or the progress rate: mean of rewards t..t+window-1 (shorter at the end)."""
+    rewards = rewards.astype(np.float32)
+    if target == "raw":
+        return rewards
+    csum = np.concatenate([[0.0], np.cumsum(rewards, dtype=np.float64)])
+    idx = np.arange(len(rewards))
+    end = np.minimum(idx + window, len(rewards))
+    return ((csum[end] - csum[idx]) / (end - idx)).astype(np.float32)
+
+
+def load_episodes(store: LatentStore, cfg: TrainMDNRNNConfig) -> list[Episode]:
+    out = []
+    for _, ep in store.iter_episodes():
+        out.append(
+            Episode(
+                mu=ep["mu"].astype(np.float32),
+                logvar=ep["logvar"].astype(np.float32),
+                actions=ep["actions"].astype(np.float32),
+                rewards=reward_targets(ep["rewards"], cfg.reward_target, cfg.progress_window),
+                done=ep["terminated"].astype(np.float32),
+            )
+        )
+    return out
+
+
+def make_chunks(
+    episodes: list[Episode], seq_len: int, rng: np.random.Generator, sample_z: bool, offset: bool
+) -> dict[str, torch.Tensor]:
+    """Cut episodes into padded chunks of `seq_len` steps, z drawn afresh from the posterior.
+
+    Returns tensors z (N, L, z), z_next (N, L, z), actions (N, L, a), rewards, done, mask (N, L).
+    """
+    rows = {k: [] for k in ("z", "z_next", "actions", "rewards", "done", "mask")}
+    for ep in episodes:
+        z = ep.mu
+        if sample_z:
+            z = ep.mu + np.exp(0.5 * ep.logvar) * rng.standard_normal(ep.mu.shape, np.float32)
+        T = len(ep.actions)
+        start = int(rng.integers(0, seq_len)) if offset else 0
+        cuts = sorted({0, T, *range(start, T, seq_len)})
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            n, pad = e - s, seq_len - (e - s)
+
+            def padded(x, pad=pad):
+                return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+
+            rows["z"].append(padded(z[s:e]))
+            rows["z_next"].append(padded(z[s + 1 : e + 1]))
+            rows["actions"].append(padded(ep.actions[s:e]))
+            rows["rewards"].append(padded(ep.rewards[s:e]))
+            rows["done"].append(padded(ep.done[s:e]))
+            rows["mask"].append(padded(np.ones(n, np.float32)))
+    return {k: torch.from_numpy(np.stack(v)) for k, v in rows.items()}
+
+
+@torch.no_grad()
+def evaluate(model: MDNRNN, chunks: dict[str, torch.Tensor], device, batch: int = 64) -> dict:
+    """Held-out NLL per latent dimension, reward MSE and done accuracy (masked means)."""
+    model.eval()
+    sums = {"nll": 0.0, "reward_mse": 0.0, "done_correct": 0.0, "n": 0.0}
+    for i in range(0, len(chunks["z"]), batch):
+        b = {k: v[i : i + batch].to(device) for k, v in chunks.items()}
+        out = model(b["z"], b["actions"])
+        terms = model.loss(out, b["z_next"], b["rewards"], b["done"], b["mask"])
+        n = b["mask"].sum().item()
+        sums["n"] += n
+        sums["nll"] += terms["nll"].item() * n
+        if "reward_mse" in terms:
+            sums["reward_mse"] += terms["reward_mse"].item() * n
+        if out.done_logit is not None:
+            pred = (out.done_logit > 0).float()
+            sums["done_correct"] += ((pred == b["done"]).float() * b["mask"]).sum().item()
+    model.train()
+    n = max(sums["n"], 1.0)
+    return {
+        "nll": sums["nll"] / n,
+        "reward_mse": sums["reward_mse"] / n,
+        "done_acc": sums["done_correct"] / n,
+    }
+
+
+def split_episodes(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) positions; at least one held out when fraction > 0 and n > 1."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
+    return sorted(order[n_held:].tolist()), sorted(order[:n_held].tolist())
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main(cfg: TrainMDNRNNConfig) -> int:
+    run = start_run(cfg, "mdnrnn")
+    device = resolve_device(cfg.device)
+    store = LatentStore(cfg.latents_path())
+    episodes = load_episodes(store, cfg)
+    if not episodes:
+        raise UserError(f"{store.path}: no encoded episodes; run 'wm encode' first")
+    z_dim, action_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
+    train_idx, held_idx = split_episodes(len(episodes), cfg.heldout_fraction, cfg.seed)
+    train_eps = [episodes[i] for i in train_idx]
+    held_eps = [episodes[i] for i in held_idx]
+
+    model = MDNRNN(cfg.model_config(z_dim, action_dim)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ckpt_dir = run.dir / "checkpoints"
+    config = to_dict(cfg) | {"z_dim": z_dim, "action_dim": action_dim}
+    start_epoch = 0
+    if latest_checkpoint(ckpt_dir) is not None:
+        ck = load_checkpoint(ckpt_dir, map_location=device)
+        check_compatible(ck.config, config, SHAPE_KEYS + ["z_dim", "action_dim"], ck.path)
+        model.load_state_dict(ck.model)
+        opt.load_state_dict(ck.state["optim"])
+        set_rng_state(ck.state["rng"])
+        start_epoch = ck.step
+        run.log.info(f"mdnrnn: resumed from {ck.path} (epoch {start_epoch})")
+    data_rng = np.random.default_rng([cfg.seed, start_epoch])
+    held = make_chunks(held_eps, cfg.seq_len, np.random.default_rng(cfg.seed), cfg.sample_z, False)
+    run.log.info(
+        f"mdnrnn: {len(train_eps)} train / {len(held_eps)} held-out episodes, z_dim {z_dim}, "
+        f"{sum(p.numel() for p in model.parameters())} parameters, device {device}"
+    )
+
+    for epoch in range(start_epoch, cfg.epochs):
+        chunks = make_chunks(train_eps, cfg.seq_len, data_rng, cfg.sample_z, offset=True)
+        order = torch.from_numpy(data_rng.permutation(len(chunks["z"])))
+        n_batches = math.ceil(len(order) / cfg.batch_size)
+        bar = progress(
+            range(n_batches),
+            desc=f"mdnrnn {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            leave=False,
+        )
+        t0, steps, total = time.perf_counter(), 0.0, 0.0
+        for b in bar:
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            batch = {k: v[idx].to(device) for k, v in chunks.items()}
+            out = model(batch["z"], batch["actions"])
+            terms = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            steps += batch["mask"].sum().item()
+            total += terms["loss"].item()
+            bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        metrics = evaluate(model, held, device) if held_eps else {}
+        run.scalars(
+            epoch + 1,
+            train_loss=total / n_batches,
+            steps_per_s=steps / elapsed,
+            **{f"heldout_{k}": v for k, v in metrics.items()},
+        )
+        run.log.info(
+            f"mdnrnn epoch {epoch + 1}/{cfg.epochs}: train loss {total / n_batches:.4f}"
+            + "".join(f", held-out {k} {v:.4f}" for k, v in metrics.items())
+            + f", {steps / elapsed:.0f} seq-steps/s"
+        )
+        save_checkpoint(
+            ckpt_dir,
+            epoch + 1,
+            model.state_dict(),
+            {"optim": opt.state_dict(), "rng": rng_state(), "metrics": metrics},
+            config,
+        )
+        data_rng = np.random.default_rng([cfg.seed, epoch + 1])
+    run.close()
+    return 0
+
+
+def load_mdnrnn(path: str | Path, map_location="cpu") -> tuple[MDNRNN, dict]:
+    """M from a checkpoint (a step folder, its checkpoints folder or the stage folder)."""
+    ck = load_checkpoint(path, map_location=map_location)
+    c = ck.config
+    model = MDNRNN(
+        MDNRNNConfig(
+            z_dim=c["z_dim"],
+            action_dim=c["action_dim"],
+            hidden=c["hidden"],
+            n_mixtures=c["n_mixtures"],
+        )
+    )
+    model.load_state_dict(ck.model)
+    model.eval()
+    return model, c
