@@ -67,3 +67,22 @@ def test_pipeline_checks_every_section_before_running(tmp_path, capsys):
     assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}"]) == 2
     assert "mdnrnn.hidden: expected a value >= 1" in capsys.readouterr().err
     assert not (tmp_path / "default" / "store").exists()
+
+
+def test_real_mode_controller_training_uses_ray_workers(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, "))
+    assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false",
+               "controller.generations=1", "evaluate.episodes=1"]) == 0
+    run = tmp_path / "e2e"
+    args = ["train-controller", f"runs_dir={tmp_path}", "run_name=real", "progress=false",
+            f"vae={run / 'vae'}", f"mdnrnn={run / 'mdnrnn'}", f"store={run / 'store'}",
+            "mode=real", "population=3", "trials=2", "generations=2", "eval_every=0",
+            "max_steps=25", "workers=2"]
+    assert wm(args) == 0
+    ck = load_checkpoint(tmp_path / "real" / "controller" / "checkpoints")
+    assert ck.step == 2 and len(ck.model["candidates"]) == 2
+    fitness = ck.model["fitness"][0].numpy()
+    assert fitness.shape == (3,) and np.all(np.abs(fitness) > 0)  # real returns (-0.1/frame ...)
+    log = (tmp_path / "real" / "controller" / "log.txt").read_text()
+    assert "mode real" in log and "gen 2/2" in log
