@@ -99,16 +99,113 @@ class StoreInfo:
     extra: dict[str, Any] | None = None
 
 
-class EpisodeStore:
+class EpisodeFolder:
+    """A folder of one compressed `.npz` file per episode plus a JSON metadata file.
+
+    Shared by the episode store (frames) and the latent store (VAE latents): listing complete
+    episodes (temporary files ignored), safe loading (`allow_pickle=False`, a corrupt file named
+    in one line), streamed sequence access. Subclasses set the names below and `_check`.
+    """
+
+    META = "store.json"  # metadata file name
+    FORMAT = FORMAT  # the metadata's "format" value
+    KIND = "episode store"  # for messages
+    MAKE_HINT = "run 'wm collect'"  # how to make one
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.episode_dir = self.path / "episodes"
+        self.meta_path = self.path / self.META
+
+    def exists(self) -> bool:
+        return self.meta_path.is_file()
+
+    def info(self) -> dict[str, Any]:
+        """The parsed metadata (UserError if this is not such a folder)."""
+        if not self.meta_path.is_file():
+            article = "an" if self.KIND[0] in "aeiou" else "a"
+            raise UserError(
+                f"{self.path}: not {article} {self.KIND} (no {self.META}); {self.MAKE_HINT}"
+            )
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{self.meta_path}: corrupt {self.KIND} metadata (not JSON)") from None
+        if not isinstance(meta, dict) or meta.get("format") != self.FORMAT:
+            raise UserError(f"{self.meta_path}: not a worldmodels {self.KIND}")
+        return meta
+
+    def indices(self) -> list[int]:
+        """Indices of the complete episodes on disk, sorted (temporary files are ignored)."""
+        if not self.episode_dir.is_dir():
+            return []
+        return sorted(
+            int(m.group(1)) for p in self.episode_dir.iterdir() if (m := _EP_RE.match(p.name))
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+    def episode_path(self, index: int) -> Path:
+        return self.episode_dir / episode_name(index)
+
+    def _write_arrays(self, index: int, data: dict[str, np.ndarray]) -> Path:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **data)
+        return self.write_episode_bytes(index, buf.getvalue())
+
+    def write_episode_bytes(self, index: int, payload: bytes) -> Path:
+        """Write an already compressed episode atomically: whole on disk or absent."""
+        path = self.episode_path(index)
+        atomic_write_bytes(path, payload)
+        return path
+
+    def _check(self, data: dict[str, np.ndarray], path: Path, keys: tuple[str, ...] | None):
+        """Raise CorruptEpisodeError if the loaded arrays are inconsistent."""
+
+    def load(self, index: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Load episode `index` (only `keys`, if given). Raises CorruptEpisodeError if bad."""
+        path = self.episode_path(index)
+        if not path.is_file():
+            raise UserError(f"{path}: no such episode in {self.KIND} {self.path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                names = keys if keys is not None else tuple(npz.files)
+                missing = [k for k in names if k not in npz.files]
+                if missing:
+                    raise CorruptEpisodeError(f"{path}: missing arrays {missing}")
+                data = {k: npz[k] for k in names}
+        except CorruptEpisodeError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as err:
+            raise CorruptEpisodeError(
+                f"{path}: corrupt or truncated episode file ({type(err).__name__}: {err}); "
+                f"delete it and {self.MAKE_HINT} again"
+            ) from None
+        self._check(data, path, keys)
+        return data
+
+    def iter_episodes(
+        self,
+        keys: tuple[str, ...] | None = None,
+        indices: list[int] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield (index, arrays) one episode at a time (sequence access)."""
+        order = list(self.indices() if indices is None else indices)
+        if shuffle:
+            np.random.default_rng(seed).shuffle(order)
+        for i in order:
+            yield i, self.load(i, keys)
+
+
+class EpisodeStore(EpisodeFolder):
     """Read and write a folder of episodes.
 
     Reading is streamed: `iter_episodes` yields one episode at a time and `iter_frames` keeps a
     shuffle buffer of a few episodes, so memory stays flat as the store grows.
     """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.episode_dir = self.path / "episodes"
 
     # ---------------------------------------------------------------- creating and writing
 
@@ -144,82 +241,17 @@ class EpisodeStore:
         """Write episode `index` atomically (payload: `encode_episode` bytes or the arrays)."""
         if isinstance(payload, dict):
             payload = encode_episode(payload)
-        path = self.episode_dir / episode_name(index)
-        atomic_write_bytes(path, payload)
-        return path
+        return self.write_episode_bytes(index, payload)
 
     # ---------------------------------------------------------------- reading
 
-    def info(self) -> dict[str, Any]:
-        """The parsed store.json (UserError if this is not a store)."""
-        meta_path = self.path / "store.json"
-        if not meta_path.is_file():
-            raise UserError(f"{self.path}: not an episode store (no store.json); run 'wm collect'")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{meta_path}: corrupt store metadata (not JSON)") from None
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{meta_path}: not a worldmodels episode store")
-        return meta
-
-    def indices(self) -> list[int]:
-        """Indices of the complete episodes on disk, sorted (temporary files are ignored)."""
-        if not self.episode_dir.is_dir():
-            return []
-        out = []
-        for p in self.episode_dir.iterdir():
-            m = _EP_RE.match(p.name)
-            if m:
-                out.append(int(m.group(1)))
-        return sorted(out)
-
-    def __len__(self) -> int:
-        return len(self.indices())
-
-    def episode_path(self, index: int) -> Path:
-        return self.episode_dir / episode_name(index)
-
-    def load(self, index: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Load episode `index` (only `keys`, if given). Raises CorruptEpisodeError if bad."""
-        path = self.episode_path(index)
-        if not path.is_file():
-            raise UserError(f"{path}: no such episode in store {self.path}")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                names = keys if keys is not None else tuple(npz.files)
-                missing = [k for k in names if k not in npz.files]
-                if missing:
-                    raise CorruptEpisodeError(f"{path}: missing arrays {missing}")
-                data = {k: npz[k] for k in names}
-        except CorruptEpisodeError:
-            raise
-        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as err:
-            raise CorruptEpisodeError(
-                f"{path}: corrupt or truncated episode file ({type(err).__name__}: {err}); "
-                "'wm check-data' lists every bad episode"
-            ) from None
+    def _check(self, data, path, keys):
         if keys is None or set(EPISODE_KEYS) <= set(data):
             _check_consistent(data, str(path))
-        return data
 
     def length(self, index: int) -> int:
         """Number of steps of episode `index`, read without decompressing frames."""
         return int(self.load(index, ("length",))["length"])
-
-    def iter_episodes(
-        self,
-        keys: tuple[str, ...] | None = None,
-        indices: list[int] | None = None,
-        shuffle: bool = False,
-        seed: int = 0,
-    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Yield (index, arrays) one episode at a time (sequence access, e.g. MDN-RNN)."""
-        order = list(self.indices() if indices is None else indices)
-        if shuffle:
-            np.random.default_rng(seed).shuffle(order)
-        for i in order:
-            yield i, self.load(i, keys)
 
     def iter_frames(
         self,

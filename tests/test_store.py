@@ -130,4 +130,4 @@ def test_inconsistent_episode_is_rejected():
 
 def test_not_a_store(tmp_path, capsys):
     assert wm(["check-data", f"store={tmp_path}"]) == 2
-    assert "not an episode store" in capsys.readouterr().err
+    assert "not an episode store (no store.json)" in capsys.readouterr().err
