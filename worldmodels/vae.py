@@ -11,18 +11,27 @@ frame (float32 by default) next to the episode's actions, rewards and end flags 
 `<run>/latents` (see `worldmodels.latents`). It skips episodes already encoded by the same
 checkpoint and re-encodes everything when the VAE has changed.
 
-Speed on a 2-core CPU (benchmarks/vae_train.py; measured against a plain eager fp32 PyTorch
-version of the same network and batch):
-- bf16 autocast is the big win: oneDNN runs the convs on the CPU's bf16 dot-product units, about
-  1.4x faster than fp32. Weights, optimiser and loss stay float32; the held-out MSE after the same
-  budget matches fp32 training (see the benchmark). Used when the CPU has native bf16 (`auto`).
-- The decoder's first transposed conv (on a 1x1 map) runs as a matmul: same result, ~4x faster.
+Speed on 2 CPU cores (AMD Zen 4 with AVX512-BF16; benchmarks/vae_train.py), batch 100. A plain
+eager version of the same network (nn.Sequential, fp32, NCHW, default Adam) costs 3.9 ms of CPU
+per training frame; this stage's step costs 2.3 ms (1.7-1.9x): ~800 against ~490 frames/s on two
+idle cores, 278 against 148 frames/s on one thread of a loaded machine. What it is made of:
+- bf16 autocast, the big win (3.3 -> 2.3 ms): oneDNN runs the convs on the CPU's bf16 dot-product
+  units. Weights, optimiser state and the loss stay float32. Cost in quality: after the same 630
+  steps, held-out MSE/px 0.00334 against 0.00319 in fp32 (5% worse per step, for 1.4x the steps
+  per second). Used where the CPU has native bf16 (`precision: auto`); elsewhere emulated bf16
+  would be slower than fp32, so auto picks fp32 there.
+- The decoder's first transposed conv (on a 1x1 map) runs as a matmul: same result, 4x faster
+  for that layer, which was the slowest in the plain version (3.9 -> 3.3 ms with channels_last).
 - channels_last: stored uint8 frames (B, H, W, 3) become channels_last float tensors with no copy,
   and oneDNN skips its layout reorders; a few percent.
 - fused Adam: a few percent at 2 threads, nothing at 1.
 - batch 100 (World Models'): per-frame cost is within 5% of batch 200, and gives twice the steps.
-- Tried, not kept: torch.compile (about 2% faster: the convs, which inductor also hands to oneDNN,
-  are nearly all the time; not worth 30-60 s of compilation on 2 cores).
+- Tried, not kept: torch.compile (2% faster: the convs, which inductor hands to oneDNN too, are
+  nearly all the time; not worth 30-60 s of compiling); the last transposed conv as a sub-pixel
+  conv + pixel_shuffle (exact, 4% faster overall, not worth the less obvious code).
+- Threads: two threads are 1.8x one on idle cores, but when another busy process shares the two
+  cores OpenMP's lock-step threads stall (we saw 15-80 frames/s); `threads=1` then runs steadily at
+  ~400 frames/s.
 """
 
 from __future__ import annotations
