@@ -117,7 +117,6 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
-        self.flat_size = config.flat_size
         chans = (config.flat_size, *reversed(config.widths[:-1]), config.channels)
         self.fc = nn.Linear(config.z_dim, config.flat_size)
         self.deconvs = nn.ModuleList(
