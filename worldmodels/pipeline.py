@@ -112,7 +112,7 @@ def write_report(cfg: PipelineConfig, scores: dict[str, dict], wall_time: float)
         {
             "best": "controller/return_best",
             "mean": "controller/return_mean",
-            "mean params (eval)": "controller/return_of_mean_params",
+            "mean params, scored in real env": "controller/return_of_mean_params",
         },
         "C: CMA-ES returns per generation",
         "generation",
