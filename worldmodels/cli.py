@@ -175,9 +175,6 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless: never open a window
-    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine (Ray workers,
-    # a data-loading thread) spinning threads slowed torch about 10x. Read when torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     prog = "wm"
     try:
         parser = build_parser(argv)
