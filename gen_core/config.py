@@ -366,7 +366,10 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         rows.append(
             (
                 prefix + f.name,
-                yaml.safe_dump(to_dict(default)).strip().removesuffix("...").strip(),
+                yaml.safe_dump(to_dict(default), default_flow_style=True, width=10**6)
+                .strip()
+                .removesuffix("...")
+                .strip(),
                 f.metadata.get("doc", ""),
             )
         )
