@@ -93,7 +93,16 @@ def main() -> None:
         mean_reward_mse = float(((held["rewards"][m] - mean_reward) ** 2).mean())
         done_pred = (out.done_logit > 0)[m]
         done_true = held["done"][m].bool()
-        final = done_true.nonzero().flatten()
+        # The final step of every held-out episode: done there iff the env terminated it (a
+        # time-limit truncation is not an end M should predict).
+        final_hits = []
+        for i in held_idx:
+            ep = episodes[i]
+            z = torch.from_numpy(ep.mu)[None]
+            with torch.no_grad():
+                logit = model(z[:, :-1], torch.from_numpy(ep.actions)[None]).done_logit[0, -1]
+            final_hits.append(bool(logit > 0) == bool(ep.done[-1]))
+        terminated_share = float(np.mean([ep.done[-1] for ep in episodes]))
     tb_steps = sum(len(episodes[i].actions) for i in train_idx) * args.epochs / train_s
     result = {
         "name": "mdnrnn",
@@ -102,9 +111,8 @@ def main() -> None:
         "reward_mse": round(float(terms["reward_mse"]), 5),
         "mean_reward_mse": round(mean_reward_mse, 5),
         "reward_r2": round(1 - float(terms["reward_mse"]) / mean_reward_mse, 4),
-        "done_acc_final_steps": (
-            round(float(done_pred[final].float().mean()), 4) if len(final) else None
-        ),
+        "done_acc_final_steps": round(float(np.mean(final_hits)), 4),
+        "terminated_episode_share": round(terminated_share, 4),
         "done_acc_all_steps": round(float((done_pred == done_true).float().mean()), 4),
         "steps_per_s": round(tb_steps, 1),
         "epochs": args.epochs,
