@@ -4,7 +4,7 @@ Each configuration collects the same episodes (same seeds) into a fresh store; t
 the workers' envs are built and ends when the last episode is on disk. Prints one JSON line last:
 fps_1, fps_2, their ratio (target >= 1.7 on 2 cores) and the store's bytes per frame.
 
-    python benchmarks/collect_scaling.py [--episodes 12] [--steps 250] [--repeats 2]
+    python benchmarks/collect_scaling.py [--episodes 16] [--steps 300] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def run_once(root: str, name: str, workers: int, episodes: int, steps: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--episodes", type=int, default=12)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--episodes", type=int, default=16)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     fps = {1: [], 2: []}

@@ -199,6 +199,7 @@ def collect(cfg: CollectConfig) -> CollectStats:
         run.log.info("collect: nothing to do, every episode is on disk")
         run.close()
         return stats
+    _ = run.tb  # open TensorBoard (a slow import) before timing, not on the first episode
     pool = None
     if cfg.backend == "ray":  # built before timing starts: workers' start-up is not collection
         n = min(cfg.n_workers(), len(todo))
