@@ -34,7 +34,7 @@ from worldmodels.mdnrnn import (
     load_episodes,
     load_mdnrnn,
     make_chunks,
-    split_episodes,
+    split_latent_episodes,
 )
 from worldmodels.mdnrnn import main as train_mdnrnn
 
@@ -81,10 +81,10 @@ def main() -> None:
         ck = load_checkpoint(Path(root) / "bench" / "mdnrnn" / "checkpoints")
         model, _ = load_mdnrnn(ck.path)
         episodes = load_episodes(LatentStore(latents), cfg)
-        train_idx, held_idx = split_episodes(len(episodes), cfg.heldout_fraction, cfg.seed)
+        train_eps, held_eps = split_latent_episodes(LatentStore(latents), episodes, cfg)
         rng = np.random.default_rng(123)
-        train = make_chunks([episodes[i] for i in train_idx], cfg.seq_len, rng, True, False)
-        held = make_chunks([episodes[i] for i in held_idx], cfg.seq_len, rng, True, False)
+        train = make_chunks(train_eps, cfg.seq_len, rng, True, False)
+        held = make_chunks(held_eps, cfg.seq_len, rng, True, False)
         with torch.no_grad():
             out = model(held["z"], held["actions"])
             terms = model.loss(out, held["z_next"], held["rewards"], held["done"], held["mask"])
@@ -96,14 +96,13 @@ def main() -> None:
         # The final step of every held-out episode: done there iff the env terminated it (a
         # time-limit truncation is not an end M should predict).
         final_hits = []
-        for i in held_idx:
-            ep = episodes[i]
+        for ep in held_eps:
             z = torch.from_numpy(ep.mu)[None]
             with torch.no_grad():
                 logit = model(z[:, :-1], torch.from_numpy(ep.actions)[None]).done_logit[0, -1]
             final_hits.append(bool(logit > 0) == bool(ep.done[-1]))
         terminated_share = float(np.mean([ep.done[-1] for ep in episodes]))
-    tb_steps = sum(len(episodes[i].actions) for i in train_idx) * args.epochs / train_s
+    tb_steps = sum(len(ep.actions) for ep in train_eps) * args.epochs / train_s
     result = {
         "name": "mdnrnn",
         "nll_per_dim": round(float(terms["nll"]), 4),
@@ -116,8 +115,8 @@ def main() -> None:
         "done_acc_all_steps": round(float((done_pred == done_true).float().mean()), 4),
         "steps_per_s": round(tb_steps, 1),
         "epochs": args.epochs,
-        "train_episodes": len(train_idx),
-        "heldout_episodes": len(held_idx),
+        "train_episodes": len(train_eps),
+        "heldout_episodes": len(held_eps),
         "train_seconds": round(train_s, 1),
         "units": "NLL in nats per latent dim (lower is better); steps_per_s = training "
         "sequence-steps per second incl. data preparation, 2 cores",

@@ -30,6 +30,7 @@ from gen_core.errors import UserError
 from gen_core.mdnrnn import MDNRNN, MDNRNNConfig
 from gen_core.runs import RunConfig, progress, resolve_device, start_run
 from worldmodels.latents import LatentStore
+from worldmodels.vae import split_episodes
 
 # Settings that fix the shapes of M's weights: a resume must match them.
 SHAPE_KEYS = ["hidden", "n_mixtures", "reward_target"]
@@ -95,6 +96,17 @@ def reward_targets(rewards: np.ndarray, target: str, window: int) -> np.ndarray:
     idx = np.arange(len(rewards))
     end = np.minimum(idx + window, len(rewards))
     return ((csum[end] - csum[idx]) / (end - idx)).astype(np.float32)
+
+
+def split_latent_episodes(
+    store: LatentStore, episodes: list[Episode], cfg: TrainMDNRNNConfig
+) -> tuple[list[Episode], list[Episode]]:
+    """(train, held-out) with V's rule, so M holds out the same episodes V did (same seed)."""
+    if cfg.heldout_fraction == 0:
+        return episodes, []
+    position = {index: pos for pos, index in enumerate(store.indices())}
+    train, held = split_episodes(list(position), cfg.heldout_fraction, cfg.seed)
+    return [episodes[position[i]] for i in train], [episodes[position[i]] for i in held]
 
 
 def load_episodes(store: LatentStore, cfg: TrainMDNRNNConfig) -> list[Episode]:
@@ -168,13 +180,6 @@ def evaluate(model: MDNRNN, chunks: dict[str, torch.Tensor], device, batch: int 
     }
 
 
-def split_episodes(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) positions; at least one held out when fraction > 0 and n > 1."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_held = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
-    return sorted(order[n_held:].tolist()), sorted(order[:n_held].tolist())
-
-
 # ------------------------------------------------------------------------------------- main
 
 
@@ -186,9 +191,7 @@ def main(cfg: TrainMDNRNNConfig) -> int:
     if not episodes:
         raise UserError(f"{store.path}: no encoded episodes; run 'wm encode' first")
     z_dim, action_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
-    train_idx, held_idx = split_episodes(len(episodes), cfg.heldout_fraction, cfg.seed)
-    train_eps = [episodes[i] for i in train_idx]
-    held_eps = [episodes[i] for i in held_idx]
+    train_eps, held_eps = split_latent_episodes(store, episodes, cfg)
 
     model = MDNRNN(cfg.model_config(z_dim, action_dim)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
