@@ -13,8 +13,9 @@ checkpoint and re-encodes everything when the VAE has changed.
 
 Speed on 2 CPU cores (AMD Zen 4 with AVX512-BF16; benchmarks/vae_train.py), batch 100. A plain
 eager version of the same network (nn.Sequential, fp32, NCHW, default Adam) costs 3.9 ms of CPU
-per training frame; this stage's step costs 2.3 ms (1.7-1.9x): ~800 against ~490 frames/s on two
-idle cores, 278 against 148 frames/s on one thread of a loaded machine. What it is made of:
+per training frame on one thread; this stage's step costs 2.2-2.3 ms (1.7-1.9x: 278 against 148
+frames/s on one thread of a loaded machine). Two threads scale it less well than the plain
+version: 680-800 against 445-490 frames/s on two cores (1.5-1.65x). What it is made of:
 - bf16 autocast, the big win (3.3 -> 2.3 ms): oneDNN runs the convs on the CPU's bf16 dot-product
   units. Weights, optimiser state and the loss stay float32. Cost in quality: after the same 630
   steps, held-out MSE/px 0.00334 against 0.00319 in fp32 (5% worse per step, for 1.4x the steps
