@@ -44,6 +44,15 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run_name
 
+    def path(self, value: str, default: str) -> Path:
+        """`value` as a path if the user set one, else `default` inside the run folder."""
+        return Path(value) if value else self.run_dir / default
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0))
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy's legacy global RNG and torch (CPU and CUDA)."""
@@ -72,7 +81,7 @@ def set_threads(threads: int) -> None:
     """Torch intra-op threads; 0 means one per available core."""
     import torch
 
-    n = threads or len(os.sched_getaffinity(0))
+    n = threads or cores()
     torch.set_num_threads(n)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from gen_core.config import ConfigError, setting
 from gen_core.errors import UserError
-from gen_core.runs import RunConfig, progress, start_run
+from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.parallel import ActorPool
 from rollouts.policies import POLICIES, make_policy
 from rollouts.store import EpisodeStore, StoreInfo, encode_episode
@@ -63,7 +63,7 @@ class CollectConfig(RunConfig):
         return Path(self.store) if self.store else self.run_dir / "store"
 
     def n_workers(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
+        return self.workers or cores()
 
 
 def episode_seeds(seed: int, index: int) -> tuple[int, int]:

@@ -41,9 +41,6 @@ class DreamVideoConfig(RunConfig):
     scale: int = setting(3, "pixel zoom of the GIF", min=1)
     out: str = setting("", "GIF path (default: <run_dir>/dream/dream_ep<N>_t<temperature>.gif)")
 
-    def path(self, value: str, default: str) -> Path:
-        return Path(value) if value else self.run_dir / default
-
 
 def _framed(img: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
     out = img.copy()

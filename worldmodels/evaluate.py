@@ -8,7 +8,6 @@ with V's reconstruction beside the real frame.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from PIL import Image
 
 from gen_core.config import setting
 from gen_core.io import atomic_path, atomic_write_text
-from gen_core.runs import RunConfig, progress, start_run
+from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.collect import make_env
 from rollouts.parallel import ActorPool
 from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
@@ -56,11 +55,8 @@ class EvaluateConfig(RunConfig):
     gif_steps: int = setting(300, "steps shown in the GIF", min=1)
     name: str = setting("", "output name under <run_dir>/evaluate/ (default: the policy name)")
 
-    def path(self, value: str, default: str) -> Path:
-        return Path(value) if value else self.run_dir / default
-
     def n_workers(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
+        return self.workers or cores()
 
 
 def write_gif(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:

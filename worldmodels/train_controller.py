@@ -11,9 +11,7 @@ best such score are kept as the controller.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -21,7 +19,7 @@ import torch
 
 from gen_core.config import setting, to_dict
 from gen_core.errors import UserError
-from gen_core.runs import RunConfig, resolve_device, start_run
+from gen_core.runs import RunConfig, cores, resolve_device, start_run
 from rollouts.collect import make_env
 from rollouts.parallel import ActorPool
 from rollouts.policies import make_policy
@@ -64,11 +62,8 @@ class TrainControllerConfig(RunConfig):
     )
     ray_address: str | None = setting(None, "existing Ray cluster address (default: local)")
 
-    def path(self, value: str, default: str) -> Path:
-        return Path(value) if value else self.run_dir / default
-
     def n_workers(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
+        return self.workers or cores()
 
 
 def episode_seed(seed: int, generation: int, trial: int) -> int:
