@@ -1,0 +1,361 @@
+"""`wm fidelity` on a toy env and toy dream models whose answers are known.
+
+The toy car: state (position x, velocity v); under [steer, gas, brake]
+v' = 0.9 v + gas - 0.5 brake v, x' = x + v', reward v' - 0.1 - 0.1 |steer| - 0.05 steer, never
+done. Its observation is the state, V is the identity, and a "perfect" dream step runs exactly these
+dynamics on z, so the dream must reproduce the real returns; a dream that ignores the action must
+not rank the policies at all.
+"""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from PIL import Image
+
+from gen_core.errors import UserError
+from gen_core.plots import COLOURS, scatter_chart
+from rollouts.policies import ExplorePolicy, make_policy
+from worldmodels.cli import main as wm
+from worldmodels.dream import DreamStep
+from worldmodels.fidelity import (
+    FIXED_POLICIES,
+    FidelityResult,
+    fixed_policy,
+    measure_fidelity,
+    open_loop_errors,
+    pearson,
+    reward_response,
+    rollout_returns,
+    spearman,
+)
+
+HIDDEN = 4
+WARMUP, HORIZON = 5, 60
+WARMUP_ACTION = (0.0, 0.5, 0.0)
+SEEDS = [10, 11, 12, 13]
+CAR_RACING_ACTIONS = spaces.Box(
+    np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32), dtype=np.float32
+)
+CONSTANT = [n for n, (kind, _) in FIXED_POLICIES.items() if kind == "constant"]
+
+
+class ToyCar(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+        self.action_space = CAR_RACING_ACTIONS
+        self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        self.x = self.v = 0.0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x, self.v = 0.0, float(self.np_random.uniform(0.0, 2.0))
+        return self._obs(), {}
+
+    def _obs(self):
+        return np.array([self.x, self.v], np.float32)
+
+    def step(self, action):
+        steer, gas, brake = (float(a) for a in action)
+        self.v = 0.9 * self.v + gas - 0.5 * brake * self.v
+        self.x += self.v
+        reward = self.v - 0.1 - 0.1 * abs(steer) - 0.05 * steer
+        return self._obs(), reward, False, False, {}
+
+
+def encode(frames):
+    return torch.as_tensor(np.stack(frames))  # V = identity: (W + 1, 2)
+
+
+def _never_done(z):
+    return torch.zeros(len(z), dtype=torch.bool)
+
+
+def perfect_step(z, h, c, action, generator):
+    steer, gas, brake = action[:, 0], action[:, 1], action[:, 2]
+    v = 0.9 * z[:, 1] + gas - 0.5 * brake * z[:, 1]
+    x = z[:, 0] + v
+    reward = v - 0.1 - 0.1 * steer.abs() - 0.05 * steer
+    return DreamStep(torch.stack([x, v], dim=1), h, c, reward, _never_done(z))
+
+
+def noisy_step(sigma):
+    """Perfect dynamics plus Gaussian noise on z each step (drawn from the generator)."""
+
+    def step(z, h, c, action, generator):
+        s = perfect_step(z, h, c, action, generator)
+        noise = torch.randn(s.z.shape, generator=generator)
+        return DreamStep(s.z + sigma * noise, s.h, s.c, s.reward, s.done)
+
+    return step
+
+
+def action_blind_step(sigma=0.0):
+    """Drives as if the gas were always 0.5, whatever the action; optionally noisy."""
+
+    def step(z, h, c, action, generator):
+        v = 0.9 * z[:, 1] + 0.5
+        if sigma:
+            v = v + sigma * torch.randn(v.shape, generator=generator)
+        x = z[:, 0] + v
+        return DreamStep(torch.stack([x, v], dim=1), h, c, v - 0.1, _never_done(z))
+
+    return step
+
+
+def fidelity(step, **kw):
+    policies = [fixed_policy(n) for n in FIXED_POLICIES]
+    args = dict(warmup=WARMUP, warmup_action=WARMUP_ACTION, horizon=HORIZON, dream_samples=8)
+    return measure_fidelity(step, encode, ToyCar, policies, SEEDS, HIDDEN, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def perfect():
+    return fidelity(perfect_step)
+
+
+# ---------------------------------------------------------------------------------- statistics
+
+
+def test_rank_and_linear_correlation_against_hand_computed_values():
+    # Ties get their average rank: [1, 2.5, 2.5, 4] against [1, 3, 2, 4] is sqrt(0.9).
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
+    assert spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1.0)  # monotone
+    assert spearman([1, 2, 3, 4], [9, 5, 2, -7]) == pytest.approx(-1.0)
+    assert spearman([3, 1, 2], [30, 20, 10]) == pytest.approx(0.5)
+    assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(2 * 114 / 9))
+    assert pearson([1, 2, 3, 4], [1, 10, 100, 1000]) < 0.9  # not a straight line
+    # A side that does not vary carries no ranking information: 0, not nan.
+    assert spearman([5, 5, 5], [1, 2, 3]) == 0.0
+    assert pearson([1, 2, 3], [7, 7, 7]) == 0.0
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 30), rng.normal(size=30)
+    assert pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+
+
+def test_result_summary_table_and_markdown():
+    dream = np.array([[1.0, 3.0], [5.0, 5.0], [2.0, 4.0]])
+    real = np.array([[0.0, 0.0], [10.0, 12.0], [4.0, 6.0]])
+    r = FidelityResult(["a", "b", "c"], dream, real, {"note": 1})
+    np.testing.assert_allclose(r.gap, [2.0, -6.0, -2.0])
+    assert r.spearman == pytest.approx(1.0) and -1 < r.pearson < 1
+    s = r.summary()
+    assert s["spearman"] == 1.0 and s["policies"] == 3
+    assert s["mean_abs_gap"] == pytest.approx(10 / 3, abs=0.01)
+    assert (s["dream_a"], s["real_a"], s["dream_b"], s["real_b"]) == (2.0, 0.0, 5.0, 11.0)
+    assert s["note"] == 1
+    rows = r.table()
+    assert [row["policy"] for row in rows] == ["a", "b", "c"]
+    assert rows[0] == {
+        "policy": "a",
+        "dream_mean": 2.0,
+        "dream_std": 1.0,
+        "real_mean": 0.0,
+        "real_std": 0.0,
+        "gap": 2.0,
+    }
+    md = r.markdown()
+    assert "| b | 5.0 ± 0.0 | 11.0 ± 1.0 | -6.0 |" in md
+    assert "Spearman 1.000" in md and "3 policies" in md
+
+
+def test_fixed_policies_and_unknown_names():
+    assert fixed_policy("full_gas").action == (0.0, 1.0, 0.0)
+    assert fixed_policy("correlated").kind == "correlated"
+    with pytest.raises(UserError, match="nope"):
+        fixed_policy("nope")
+
+
+# ---------------------------------------------------------------------------------- the measure
+
+
+def test_toy_env_separates_the_fixed_policies(perfect):
+    real = perfect.real_mean
+    assert perfect.real.shape == (len(FIXED_POLICIES), len(SEEDS))
+    gaps = np.diff(np.sort(real))
+    assert gaps.min() > 5.0, dict(zip(perfect.names, real))  # no near-ties to rank by chance
+    by = dict(zip(perfect.names, real))
+    assert by["brake"] < by["stop"] < by["gas_0.2"] < by["gas_0.5"] < by["full_gas"]
+    assert by["right"] < by["left"]
+
+
+def test_perfect_model_reproduces_real_returns_and_ranking(perfect):
+    spread = np.ptp(perfect.real_mean)
+    for name in CONSTANT:  # deterministic policies: the dream is the real env, exactly
+        i = perfect.names.index(name)
+        np.testing.assert_allclose(perfect.dream[i], perfect.real[i], atol=1e-3, err_msg=name)
+    constant = [perfect.names.index(n) for n in CONSTANT]
+    assert spearman(perfect.dream_mean[constant], perfect.real_mean[constant]) >= 0.999
+    # Random policies draw different random actions in the dream, so agree only on average.
+    for name in ("random", "correlated"):
+        assert abs(perfect.gap[perfect.names.index(name)]) < 0.1 * spread, name
+    assert perfect.spearman >= 0.9 and perfect.pearson >= 0.95
+    assert perfect.summary()["spearman"] >= 0.9
+    # The dream starts where the real warm-up left each track: per-track returns differ.
+    stop = perfect.names.index("stop")
+    assert np.ptp(perfect.dream[stop]) > 1.0
+
+
+def test_reward_response_of_the_perfect_model(perfect):
+    resp = perfect.extra["reward_response"]
+    assert set(resp) == {"stop", "full_gas"} and resp["full_gas"] > resp["stop"] + 5
+    # Known answer: over k steps full gas earns 10 (1 - (0.9 + ... + 0.9^k) / k) a step
+    # more than stopping, whatever the start speed.
+    z0 = torch.tensor([[0.0, 0.0], [3.0, 1.5], [7.0, 4.0]])
+    h0 = torch.zeros(3, HIDDEN)
+    actions = {"stop": (0.0, 0.0, 0.0), "full_gas": (0.0, 1.0, 0.0)}
+    for k in (1, 50):
+        out = reward_response(perfect_step, (z0, h0, h0), actions, steps=k, samples=2)
+        expected = 10 * (1 - 9 * (1 - 0.9**k) / k)
+        assert out["full_gas"] - out["stop"] == pytest.approx(expected, abs=2e-3), k
+    blind = reward_response(action_blind_step(), (z0, h0, h0), actions, steps=10)
+    assert blind["full_gas"] == blind["stop"]
+
+
+def test_action_blind_model_cannot_rank(perfect):
+    blind = fidelity(action_blind_step(), real=perfect.real)
+    assert np.ptp(blind.dream_mean) == 0.0  # the same dream whatever the policy
+    assert blind.spearman == 0.0 and blind.pearson == 0.0
+    assert blind.extra["reward_response"]["full_gas"] == blind.extra["reward_response"]["stop"]
+    # A noisy action-blind dream ranks the policies only by chance.
+    rhos = [
+        fidelity(action_blind_step(sigma=0.5), real=perfect.real, seed=s).spearman for s in range(8)
+    ]
+    assert len(set(rhos)) > 1  # the noise does reorder the policies
+    assert np.mean(np.abs(rhos)) < 0.5, rhos
+    assert abs(np.mean(rhos)) < 0.35, rhos
+    assert perfect.spearman - max(rhos) > 0.2
+
+
+def test_dream_rollouts_stop_at_the_predicted_end():
+    def counter(z, h, c, action, generator):  # reward 1 a step; ends after z[0] + 1 more steps
+        z = z - 1
+        return DreamStep(z, h, c, torch.ones(len(z)), z[:, 0] < 0)
+
+    z0 = torch.tensor([[0.0], [2.0], [50.0]])
+    h0 = torch.zeros(3, 1)
+    total = rollout_returns(counter, lambda z, h: torch.zeros(3, 3), z0, h0, h0, steps=10)
+    assert total.tolist() == [1.0, 3.0, 10.0]
+
+
+# ---------------------------------------------------------------------------------- open loop
+
+
+def record_episodes(n=4, steps=120):
+    env, episodes = ToyCar(), []
+    for i in range(n):
+        policy = make_policy("explore", env.action_space)
+        policy.reset(i)
+        obs, _ = env.reset(seed=100 + i)
+        zs, acts, rews = [obs], [], []
+        for _ in range(steps):
+            a = policy(obs)
+            obs, r, *_ = env.step(a)
+            zs.append(obs)
+            acts.append(a)
+            rews.append(r)
+        episodes.append(
+            {
+                "z": np.stack(zs),
+                "actions": np.stack(acts),
+                "rewards": np.array(rews, np.float32),
+                "done": np.zeros(steps, np.float32),
+            }
+        )
+    return episodes
+
+
+def test_open_loop_error_grows_with_horizon_for_a_noisy_model():
+    episodes = record_episodes()
+    horizons = (1, 10, 50)
+    exact = open_loop_errors(perfect_step, episodes, HIDDEN, horizons, context=10)
+    assert exact["starts"] == 4 * 4
+    for k in horizons:
+        assert exact[f"z_mse_{k}"] == pytest.approx(0.0, abs=1e-3)
+        assert exact[f"reward_mae_{k}"] == pytest.approx(0.0, abs=1e-3)
+        assert exact[f"done_acc_{k}"] == 1.0
+        assert exact[f"z_mse_persistence_{k}"] > 0.1  # the car does move: persistence is wrong
+    noisy = open_loop_errors(noisy_step(0.1), episodes, HIDDEN, horizons, context=10)
+    err = [noisy[f"z_mse_{k}"] for k in horizons]
+    assert err[0] == pytest.approx(0.1**2, abs=0.005)  # one step: just the noise, sigma^2
+    assert err[0] < err[1] < err[2] and err[2] > 10 * err[1], err  # then it compounds
+    assert noisy["reward_mae_1"] < noisy["reward_mae_10"] < noisy["reward_mae_50"]
+    assert err[2] < noisy["z_mse_persistence_50"]  # still far better than standing still
+    # The same seed gives the same diagnostics.
+    assert open_loop_errors(noisy_step(0.1), episodes, HIDDEN, horizons, context=10) == noisy
+    with pytest.raises(UserError, match="longer than"):
+        open_loop_errors(perfect_step, episodes, HIDDEN, (200,), context=10)
+
+
+# ---------------------------------------------------------------------------------- the chart
+
+
+def test_scatter_chart_writes_a_png_of_the_requested_size(tmp_path):
+    path = scatter_chart(
+        tmp_path / "sub" / "fidelity.png",
+        {"stop": (0.0, 1.0), "full_gas": (500.0, 420.0), "broken": (float("nan"), 1.0)},
+        "dream vs real",
+        xlabel="real",
+        ylabel="dream",
+        size=(320, 240),
+    )
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (320, 240)
+        colours = {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 16)}
+    assert COLOURS[0] in colours and COLOURS[1] in colours  # both finite points are drawn
+    assert COLOURS[2] not in colours  # the nan point is skipped
+
+
+# ---------------------------------------------------------------------------------- explore
+
+
+def explore_actions(space, seed, steps=300):
+    p = make_policy("explore", space)
+    p.reset(seed)
+    return p, np.stack([p(np.zeros(1, np.float32)) for _ in range(steps)])
+
+
+def test_explore_policy_bounds_determinism_and_waits():
+    assert isinstance(make_policy("explore", CAR_RACING_ACTIONS), ExplorePolicy)
+    waits, gas_brake = [], []
+    for seed in range(20):
+        p, acts = explore_actions(CAR_RACING_ACTIONS, seed)
+        assert acts.dtype == np.float32 and acts.shape == (300, 3)
+        assert np.all(acts >= CAR_RACING_ACTIONS.low) and np.all(acts <= CAR_RACING_ACTIONS.high)
+        np.testing.assert_array_equal(acts, explore_actions(CAR_RACING_ACTIONS, seed)[1])
+        assert np.all(acts[: p.wait] == 0)  # the car stands still through the wait
+        assert np.any(acts[p.wait :] != 0)  # and then drives
+        waits.append(p.wait)
+        gas_brake.append(acts[:, 1:].mean(axis=0))
+    assert any(w == 0 for w in waits) and any(w > 0 for w in waits)
+    assert max(waits) <= 80
+    gas, brake = np.mean(gas_brake, axis=0)
+    assert gas > 2 * brake > 0  # it mostly drives, and brakes too
+    assert not np.array_equal(explore_actions(CAR_RACING_ACTIONS, 0)[1],
+                              explore_actions(CAR_RACING_ACTIONS, 1)[1])  # fmt: skip
+
+
+def test_explore_policy_on_another_box_space():
+    space = spaces.Box(np.float32([-2, 5]), np.float32([-1, 10]), dtype=np.float32)
+    for seed in range(5):
+        p, acts = explore_actions(space, seed, steps=100)
+        assert p.wait == 0 and acts.shape == (100, 2)
+        assert np.all(acts >= space.low) and np.all(acts <= space.high)
+        assert np.ptp(acts[:, 1]) > 0.5  # it does explore
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_rejects_unknown_policy_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert wm(["fidelity", "policies=[stop,nope]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wm fidelity: error: policies: unknown policy 'nope'"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing was started
