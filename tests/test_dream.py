@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ from worldmodels.dream import (
     DreamVectorEnv,
     StartStates,
     dream_returns,
+    dream_step,
 )
+from worldmodels.train_controller import DreamFitness
 
 Z, H = 4, 8
 
@@ -99,7 +103,7 @@ def test_temperature_zero_is_deterministic_whatever_the_seed():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1.15])
 def test_batched_population_returns_match_the_vector_env(temperature):
     """The fast path CMA-ES uses gives the same returns as stepping the gymnasium env."""
     m = model()
@@ -127,3 +131,65 @@ def test_batched_population_returns_match_the_vector_env(temperature):
         obs, r, term, trunc, _ = env.step(ctrl(o).reshape(P * N, 3).numpy())
         total += r
     np.testing.assert_allclose(fast.numpy(), total, rtol=1e-5, atol=1e-5)
+
+
+def random_policy(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(Z + H, 3, generator=g)
+
+    def policy(z, h):
+        return torch.tanh(torch.cat([z, h], dim=-1) @ w)
+
+    return policy
+
+
+def test_dream_returns_are_deterministic_for_a_fixed_seed():
+    m = model()
+    s = starts(m)
+    idx = torch.arange(6)
+
+    def run(seed):
+        return dream_returns(
+            m, random_policy(), s, idx, 20, 1.0, torch.Generator().manual_seed(seed)
+        )
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_dream_returns_stop_collecting_reward_once_done_fires():
+    m = model()
+    s = starts(m)
+    idx = torch.arange(6)
+    with torch.no_grad():
+        m.done.bias.fill_(100.0)  # every rollout ends on its first step
+    g = torch.Generator().manual_seed(0)
+    returns = dream_returns(m, random_policy(), s, idx, 10, 1.0, g)
+    z, h, c = s.take(idx)
+    first = dream_step(m, z, h, c, random_policy()(z, h), 1.0, torch.Generator().manual_seed(0))
+    assert first.done.all()
+    torch.testing.assert_close(returns, first.reward)
+
+
+def test_dream_returns_without_reward_and_done_heads_are_zero():
+    torch.manual_seed(0)
+    m = MDNRNN(
+        MDNRNNConfig(
+            z_dim=Z, action_dim=3, hidden=H, n_mixtures=2, reward_head=False, done_head=False
+        )
+    )
+    s = starts(m)
+    out = dream_returns(m, random_policy(), s, torch.arange(6), 5, 1.0)
+    assert torch.equal(out, torch.zeros(6))
+
+
+def test_dream_fitness_bf16_option_stays_close_to_float32():
+    """bfloat16 matmuls are an opt-in speed option: the cold (tau 0) dream barely moves."""
+    m = model()
+    spec = ControllerSpec(z_dim=Z, hidden=H)
+    # no early ends (threshold above 1): compare whole rollouts
+    cfg = SimpleNamespace(seed=0, trials=4, dream_steps=10, temperature=0.0, done_threshold=1.1)
+    params = np.random.default_rng(0).normal(0, 0.3, (3, spec.n_params))
+    f32 = DreamFitness(m, starts(m), spec, cfg, torch.device("cpu"))(params, 0)
+    bf16 = DreamFitness(m, starts(m), spec, cfg, torch.device("cpu"), dtype=torch.bfloat16)
+    np.testing.assert_allclose(bf16(params, 0), f32, atol=0.05 * np.abs(f32).max() + 1e-3)

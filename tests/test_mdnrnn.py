@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from gen_core.mdnrnn import MDNRNN, MDNRNNConfig, mixture_nll, sample_mixture
@@ -84,6 +85,80 @@ def test_stepwise_equals_whole_sequence():
         assert torch.allclose(out.mu[:, 0], full.mu[:, t], atol=1e-6)
         assert torch.allclose(out.reward[:, 0], full.reward[:, t], atol=1e-6)
     assert torch.allclose(state[0], full.state[0], atol=1e-6)
+
+
+def test_step_is_differentiable_like_forward():
+    """`step` (one LSTM cell call) gives forward's gradients, so it can still be trained through."""
+    torch.manual_seed(0)
+    m = small()
+    z, a = torch.randn(3, 4), torch.randn(3, 2)
+
+    def total(out):
+        return out.mu.sum() + out.log_sigma.sum() + out.reward.sum() + out.done_logit.sum()
+
+    total(m.step(z, a)).backward()
+    by_step = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    total(m(z[:, None], a[:, None])).backward()
+    for g1, p in zip(by_step, m.parameters()):
+        assert torch.allclose(g1, p.grad, atol=1e-6)
+
+
+def test_sample_mixture_draws_components_with_tempered_weights():
+    # Far-apart components: which one a draw came from is plain from its value.
+    logit_pi = torch.tensor([1.0, 0.0, -1.0]).expand(20000, 2, 3)
+    mu = torch.tensor([-10.0, 0.0, 10.0]).expand(20000, 2, 3)
+    log_sigma = torch.full((20000, 2, 3), math.log(0.1))
+    g = torch.Generator().manual_seed(0)
+    for tau in (0.5, 1.0, 2.0):
+        x = sample_mixture(logit_pi, mu, log_sigma, tau, generator=g)  # (20000, 2)
+        k = torch.bucketize(x, torch.tensor([-5.0, 5.0]))  # component of each draw
+        freq = torch.bincount(k.flatten(), minlength=3).float() / k.numel()
+        expected = torch.softmax(torch.tensor([1.0, 0.0, -1.0]) / tau, dim=0)
+        assert torch.allclose(freq, expected, atol=0.01), (tau, freq, expected)
+        spread = (x - (k - 1) * 10.0).std()  # around the picked mean: sigma sqrt(tau)
+        assert abs(spread.item() - 0.1 * math.sqrt(tau)) < 0.005
+
+
+@pytest.mark.parametrize("heads", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0, 1.3])
+def test_stepper_equals_step_and_sample_mixture(heads, temperature):
+    """The fused rollout step is `MDNRNN.step` + `sample_mixture`, same generator draws."""
+    torch.manual_seed(0)
+    m = small(reward_head=heads, done_head=heads)
+    fast = m.stepper()
+    B = 5
+    z, h, c = torch.randn(B, 4), torch.randn(B, 16), torch.randn(B, 16)
+    g_ref, g_fast = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    zr, state = z, (h[None], c[None])
+    with torch.no_grad():
+        for _ in range(6):
+            a = torch.randn(B, 2)
+            ref = m.step(zr, a, state)
+            zr, state = m.sample(ref, temperature, g_ref)[:, 0], ref.state
+            h, c = fast.lstm(z, a, h, c)
+            out = fast.heads(h)
+            z = fast.sample(out, temperature, g_fast)
+            assert torch.allclose(h, state[0][0], atol=1e-5)
+            assert torch.allclose(c, state[1][0], atol=1e-5)
+            assert torch.allclose(z, zr, atol=1e-5)
+            if heads:
+                assert torch.allclose(fast.reward(out), ref.reward[:, 0], atol=1e-5)
+                assert torch.allclose(fast.done_logit(out), ref.done_logit[:, 0], atol=1e-5)
+            else:
+                assert fast.reward(out) is None and fast.done_logit(out) is None
+
+
+def test_bf16_stepper_stays_close_to_float32():
+    torch.manual_seed(0)
+    m = MDNRNN(MDNRNNConfig(z_dim=8, action_dim=3, hidden=32, n_mixtures=3))
+    f32, bf16 = m.stepper(), m.stepper(torch.bfloat16)
+    z, a, h, c = torch.randn(6, 8), torch.randn(6, 3), torch.randn(6, 32), torch.randn(6, 32)
+    h32, c32 = f32.lstm(z, a, h, c)
+    h16, c16 = bf16.lstm(z, a, h, c)
+    assert h16.dtype == c16.dtype == torch.float32
+    assert torch.allclose(h16, h32, atol=0.03) and torch.allclose(c16, c32, atol=0.03)
+    assert torch.allclose(bf16.heads(h32), f32.heads(h32), atol=0.05)
 
 
 def synthetic_sequences(n, T, g):

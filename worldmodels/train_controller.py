@@ -111,10 +111,22 @@ def real_returns(pool: ActorPool, params: np.ndarray, seeds: list[int]) -> np.nd
 
 
 class DreamFitness:
-    """Mean dream return of each candidate over `trials` start states shared by all."""
+    """Mean dream return of each candidate over `trials` start states shared by all.
 
-    def __init__(self, mdnrnn, start: StartStates, spec: ControllerSpec, cfg, device):
+    `dtype=torch.bfloat16` runs M's matmuls in bfloat16 (see `dream_returns`); off by default.
+    """
+
+    def __init__(
+        self,
+        mdnrnn,
+        start: StartStates,
+        spec: ControllerSpec,
+        cfg,
+        device,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.m, self.start, self.spec, self.cfg, self.device = mdnrnn, start, spec, cfg, device
+        self.dtype = dtype
 
     def __call__(self, params: np.ndarray, generation: int, trials: int | None = None):
         trials = trials or self.cfg.trials
@@ -139,6 +151,7 @@ class DreamFitness:
             self.cfg.temperature,
             g,
             self.cfg.done_threshold,
+            self.dtype,
         )
         return returns.view(P, trials).mean(dim=1).cpu().numpy()
 
