@@ -193,3 +193,27 @@ def test_dream_fitness_bf16_option_stays_close_to_float32():
     f32 = DreamFitness(m, starts(m), spec, cfg, torch.device("cpu"))(params, 0)
     bf16 = DreamFitness(m, starts(m), spec, cfg, torch.device("cpu"), dtype=torch.bfloat16)
     np.testing.assert_allclose(bf16(params, 0), f32, atol=0.05 * np.abs(f32).max() + 1e-3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_dream_fitness_is_the_mean_return_under_batch_controller(temperature):
+    """DreamFitness's own controller maths act exactly as BatchController does."""
+    m = model()
+    s = starts(m)
+    spec = ControllerSpec(z_dim=Z, hidden=H)
+    P, N, T = 3, 4, 12
+    cfg = SimpleNamespace(
+        seed=0, trials=N, dream_steps=T, temperature=temperature, done_threshold=0.5
+    )
+    params = np.random.default_rng(0).normal(0, 0.3, (P, spec.n_params))
+    got = DreamFitness(m, s, spec, cfg, torch.device("cpu"))(params, 5)
+    # The reference: the same generator stream, start states and BatchController as the policy.
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([0, 5, 7]).generate_state(1)[0]))
+    idx = torch.randint(0, len(s), (N,), generator=g).repeat(P)
+    ctrl = BatchController(params, spec)
+
+    def policy(z, h):
+        return ctrl(controller_obs(z, h, spec).view(P, N, -1)).view(P * N, -1)
+
+    want = dream_returns(m, policy, s, idx, T, temperature, g, 0.5).view(P, N).mean(dim=1)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
