@@ -122,3 +122,54 @@ def read_scalars(tb_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]
         events = acc.Scalars(tag)
         out[tag] = ([e.step for e in events], [e.value for e in events])
     return out
+
+
+def scatter_chart(
+    path: str | Path,
+    points: dict[str, tuple[float, float]],
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    diagonal: bool = True,
+    size: tuple[int, int] = (640, 480),
+) -> Path:
+    """Write a PNG of labelled (x, y) points on equal axes, with the y = x line if `diagonal`."""
+    W, H = size
+    left, right, top, bottom = 70, 30, 40, 50
+    values = [v for xy in points.values() for v in xy if math.isfinite(v)] or [0.0]
+    lo, hi = min(values), max(values)
+    pad = 0.08 * ((hi - lo) or 1.0)
+    lo, hi = lo - pad, hi + pad
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (x - lo) / (hi - lo) * (W - left - right),
+            H - bottom - (y - lo) / (hi - lo) * (H - top - bottom),
+        )
+
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for t in _nice_ticks(lo, hi):
+        xx, yy = px(t, t)
+        d.line([(left, yy), (W - right, yy)], fill=(232, 232, 232))
+        d.line([(xx, top), (xx, H - bottom)], fill=(232, 232, 232))
+        d.text((4, yy - 6), _fmt(t), fill="black", font=font)
+        d.text((xx - 10, H - bottom + 6), _fmt(t), fill="black", font=font)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    if diagonal:
+        d.line([px(lo, lo), px(hi, hi)], fill=(160, 160, 160), width=1)
+    for i, (name, (x, y)) in enumerate(points.items()):
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        cx, cy = px(x, y)
+        colour = COLOURS[i % len(COLOURS)]
+        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+        d.text((cx + 6, cy - 6), name, fill=colour, font=font)
+    d.text((left, 10), title, fill="black", font=font)
+    d.text(((W - len(xlabel) * 6) // 2, H - 20), xlabel, fill="black", font=font)
+    d.text((4, 24), ylabel, fill="black", font=font)
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from gen_core.config import ConfigError, setting
 from gen_core.errors import UserError
 from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.parallel import ActorPool
-from rollouts.policies import POLICIES, make_policy
+from rollouts.policies import POLICIES, Policy, make_policy
 from rollouts.store import EpisodeStore, StoreInfo, encode_episode
 
 
@@ -97,6 +98,9 @@ def preprocess(frame: np.ndarray, size: int, crop_bottom: int = 0) -> np.ndarray
     return np.asarray(img)
 
 
+PolicyFactory = Callable[[Any], Policy]  # action space -> policy
+
+
 def run_episode(env, policy, env_seed: int, policy_seed: int, cfg: CollectConfig) -> dict:
     """Play one episode; return its arrays in the store's layout."""
     obs, _ = env.reset(seed=env_seed)
@@ -132,10 +136,13 @@ def run_episode(env, policy, env_seed: int, policy_seed: int, cfg: CollectConfig
 class EpisodeWorker:
     """Owns one env and one policy; plays episodes on request (a Ray actor, or inline)."""
 
-    def __init__(self, cfg: CollectConfig):
+    def __init__(self, cfg: CollectConfig, policy_factory: PolicyFactory | None = None):
         self.cfg = cfg
         self.env = make_env(cfg.env_id, cfg.max_steps)
-        self.policy = make_policy(cfg.policy, self.env.action_space, **cfg.policy_params)
+        if policy_factory is not None:
+            self.policy = policy_factory(self.env.action_space)
+        else:
+            self.policy = make_policy(cfg.policy, self.env.action_space, **cfg.policy_params)
 
     def play(self, index: int) -> tuple[int, bytes, int, float]:
         """(index, compressed episode, steps, return) of episode `index`."""
@@ -144,10 +151,11 @@ class EpisodeWorker:
         return index, encode_episode(ep), len(ep["actions"]), float(ep["rewards"].sum())
 
 
-def _store_info(cfg: CollectConfig) -> StoreInfo:
+def _store_info(cfg: CollectConfig, policy_factory: PolicyFactory | None = None) -> StoreInfo:
     env = make_env(cfg.env_id, cfg.max_steps)
     try:
-        make_policy(cfg.policy, env.action_space, **cfg.policy_params)  # fail early, one line
+        if policy_factory is None:
+            make_policy(cfg.policy, env.action_space, **cfg.policy_params)  # fail early, one line
         return StoreInfo(
             frame_shape=(cfg.frame_size, cfg.frame_size, 3),
             env_id=cfg.env_id,
@@ -159,8 +167,8 @@ def _store_info(cfg: CollectConfig) -> StoreInfo:
         env.close()
 
 
-def _inline_results(cfg: CollectConfig, todo: list[int]):
-    worker = EpisodeWorker(cfg)
+def _inline_results(cfg: CollectConfig, todo: list[int], policy_factory=None):
+    worker = EpisodeWorker(cfg, policy_factory)
     for index in todo:
         yield worker.play(index)
 
@@ -184,10 +192,16 @@ class CollectStats:
         return self.bytes_written / max(self.frames, 1)
 
 
-def collect(cfg: CollectConfig) -> CollectStats:
-    """Collect `cfg.episodes` episodes into the store, skipping those already on disk."""
-    run = start_run(cfg, "collect", torch_needed=False)
-    store = EpisodeStore.create(cfg.store_path(), _store_info(cfg))
+def collect(
+    cfg: CollectConfig, policy_factory: PolicyFactory | None = None, stage: str = "collect"
+) -> CollectStats:
+    """Collect `cfg.episodes` episodes into the store, skipping those already on disk.
+
+    `policy_factory(action_space) -> policy` replaces the built-in policy named by `cfg.policy`
+    (which then only labels the episodes), e.g. a trained agent for the iterative loop.
+    """
+    run = start_run(cfg, stage, torch_needed=False)
+    store = EpisodeStore.create(cfg.store_path(), _store_info(cfg, policy_factory))
     have = set(store.indices())
     todo = [i for i in range(cfg.episodes) if i not in have]
     run.log.info(
@@ -203,10 +217,10 @@ def collect(cfg: CollectConfig) -> CollectStats:
     pool = None
     if cfg.backend == "ray":  # built before timing starts: workers' start-up is not collection
         n = min(cfg.n_workers(), len(todo))
-        pool = ActorPool(EpisodeWorker, (cfg,), n=n, ray_address=cfg.ray_address)
+        pool = ActorPool(EpisodeWorker, (cfg, policy_factory), n=n, ray_address=cfg.ray_address)
         results = (result for _, result in pool.map_unordered("play", todo))
     else:
-        results = _inline_results(cfg, todo)
+        results = _inline_results(cfg, todo, policy_factory)
     t0 = time.perf_counter()
     bar = progress(total=len(todo), unit="ep", desc="collect", disable=not cfg.progress)
     try:

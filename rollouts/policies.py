@@ -8,6 +8,10 @@ A trained controller plugs in the same way. Built-in ones, by name (`make_policy
   On CarRacing's [steer, gas, brake] space the targets are drawn so that the car mostly drives
   (gas more often than brake, straight stretches and turns), which is what lets random data
   cover the track as in the original World Models collection.
+- `explore`: on CarRacing, episodes made of segments that each hold one way of driving — steady
+  gas at a random level, coasting, braking, standing still — after an optional wait at the start,
+  so the data shows what each action does from every kind of state (the car at rest included),
+  not only what a drifting random driver does. Elsewhere it behaves like `correlated`.
 - `constant`: the same action every step (`action: [steer, gas, brake]`), e.g. full gas.
 """
 
@@ -121,6 +125,59 @@ class CorrelatedRandomPolicy:
         return np.clip(self.action, self.space.low, self.space.high).astype(np.float32)
 
 
+class ExplorePolicy(CorrelatedRandomPolicy):
+    """Segments of steady driving styles, so every action's effect is seen from varied states.
+
+    Args:
+        segment_mean: mean steps of a segment (geometric).
+        wait_prob: chance an episode starts by standing still for up to `max_wait` steps.
+        modes: relative frequency of drive (steady gas in [0.1, 1]), coast, brake, idle (zero).
+    """
+
+    name = "explore"
+
+    def __init__(
+        self,
+        action_space: spaces.Box,
+        segment_mean: float = 25.0,
+        smoothing: float = 0.3,
+        wait_prob: float = 0.5,
+        max_wait: int = 80,
+        modes: tuple[float, float, float, float] = (0.65, 0.15, 0.1, 0.1),
+    ):
+        if len(modes) != 4 or min(modes) < 0 or sum(modes) <= 0:
+            raise UserError("policy_params.modes: expected 4 non-negative weights")
+        self.wait_prob, self.max_wait = wait_prob, max_wait
+        self.modes = np.asarray(modes, dtype=np.float64) / sum(modes)
+        super().__init__(action_space, segment_mean, smoothing, warmup_gas_steps=0)
+
+    def reset(self, seed: int | None = None) -> None:
+        super().reset(seed)
+        self.wait = 0
+        if self.car_racing and self.rng.random() < self.wait_prob:
+            self.wait = int(self.rng.integers(1, self.max_wait + 1))
+
+    def _draw_target(self) -> np.ndarray:
+        rng = self.rng
+        if not self.car_racing:
+            return rng.uniform(self.space.low, self.space.high)
+        steer = 0.0 if rng.random() < 0.4 else rng.uniform(-1.0, 1.0) * rng.random()
+        mode = rng.choice(4, p=self.modes)
+        if mode == 0:  # drive at a steady gas level
+            return np.array([steer, rng.uniform(0.1, 1.0), 0.0])
+        if mode == 1:  # coast
+            return np.array([steer, 0.0, 0.0])
+        if mode == 2:  # brake
+            return np.array([steer, 0.0, rng.uniform(0.3, 1.0)])
+        return np.zeros(3)  # stand still (once the car has stopped)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if self.t < self.wait:
+            self.t += 1
+            return np.zeros(self.space.shape, dtype=np.float32)
+        return super().__call__(obs)
+
+
 class ConstantPolicy:
     """The same action every step."""
 
@@ -152,6 +209,7 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "uniform": UniformRandomPolicy,
     "correlated": CorrelatedRandomPolicy,
     "constant": ConstantPolicy,
+    "explore": ExplorePolicy,
 }
 
 

@@ -7,6 +7,7 @@ and V's reconstructions for a side-by-side GIF.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,16 +72,31 @@ class WorldModelAgent:
         self.state = self.mdnrnn.initial_state(1)
         self.last_z = None
 
-    @torch.no_grad()
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
+    def _encode(self, obs: np.ndarray) -> torch.Tensor:
         frame = preprocess(obs, self.frames.size, self.frames.crop_bottom)
         x = images_to_float(torch.from_numpy(np.array(frame[None])))  # PIL arrays are read-only
-        z, _ = self.vae.encode(x)  # (1, z_dim) posterior mean
+        return self.vae.encode(x)[0]  # (1, z_dim) posterior mean
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray, override: Callable | None = None) -> np.ndarray:
+        """C's action for this frame; `override(action) -> action` may change what is done
+        (exploration noise), and M's state follows the action actually taken."""
+        z = self._encode(obs)
         h = self.state[0][0]  # (1, hidden)
         action = self.controller(controller_obs(z, h, self.spec)[None])[0]  # (1, A)
+        if override is not None:
+            action = torch.as_tensor(override(action[0].numpy()), dtype=torch.float32)[None]
         self.state = self.mdnrnn.step(z, action, self.state).state
         self.last_z = z
         return action[0].numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def observe(self, obs: np.ndarray, action: np.ndarray) -> None:
+        """Update M's state with a frame and an action this agent did not choose (a warm-up)."""
+        z = self._encode(obs)
+        a = torch.as_tensor(np.asarray(action, dtype=np.float32))[None]  # (1, A)
+        self.state = self.mdnrnn.step(z, a, self.state).state
+        self.last_z = z
 
     @torch.no_grad()
     def reconstruction(self) -> np.ndarray:

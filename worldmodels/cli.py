@@ -27,7 +27,15 @@ class Command:
 
 # Sections of a pipeline file that belong to one stage each.
 SECTIONS = (
-    "collect", "vae", "encode", "mdnrnn", "dream", "controller", "evaluate", "fidelity",
+    "collect",
+    "vae",
+    "encode",
+    "mdnrnn",
+    "dream",
+    "controller",
+    "evaluate",
+    "fidelity",
+    "collect_agent",
 )
 
 COMMANDS: dict[str, Command] = {
@@ -85,6 +93,18 @@ COMMANDS: dict[str, Command] = {
         "EvaluateConfig",
         "score a controller or a baseline policy over N real-env episodes",
         section="evaluate",
+    ),
+    "collect-agent": Command(
+        "worldmodels.iterate",
+        "CollectAgentConfig",
+        "add episodes driven by the current controller (with exploration) to the store",
+        section="collect_agent",
+    ),
+    "fidelity": Command(
+        "worldmodels.fidelity",
+        "FidelityConfig",
+        "does the dream rank policies as the real env does? dream vs real returns, M diagnostics",
+        section="fidelity",
     ),
 }
 

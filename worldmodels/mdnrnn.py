@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,12 +47,19 @@ class TrainMDNRNNConfig(RunConfig):
     reward_weight: float = setting(1.0, "weight of the reward loss", min=0.0)
     done_weight: float = setting(1.0, "weight of the episode-end loss", min=0.0)
     done_pos_weight: float = setting(10.0, "weight of episode-end steps in their loss", min=0.0)
-    reward_target: Literal["raw", "progress"] = setting(
+    reward_target: Literal["raw", "progress", "trailing"] = setting(
         "raw",
-        "what the reward head learns: the raw step reward, or the progress rate "
-        "(mean of the next progress_window rewards, easier to predict than sparse tile bonuses)",
+        "what the reward head learns: the raw step reward; progress, the mean of the next "
+        "progress_window rewards (dense, but a forecast of what the data's policy did next); or "
+        "trailing, the mean of the last progress_window rewards up to this step (dense and "
+        "caused by what already happened, so it follows the dream's own motion)",
     )
-    progress_window: int = setting(20, "steps averaged by reward_target=progress", min=1)
+    progress_window: int = setting(20, "steps averaged by reward_target=progress|trailing", min=1)
+    reward_clip: list[float] = setting(
+        [],
+        "[low, high]: clip rewards before the target is made, e.g. [-1, 100] keeps CarRacing's "
+        "-100 exit (an episode end the done head predicts) out of the reward head ([]: no clip)",
+    )
     seq_len: int = setting(100, "steps per training chunk (truncated BPTT length)", min=2)
     batch_size: int = setting(32, "chunks per batch", min=1)
     epochs: int = setting(20, "passes over the training episodes", min=1)
@@ -59,6 +67,15 @@ class TrainMDNRNNConfig(RunConfig):
     grad_clip: float = setting(1.0, "gradient norm clip (0: none)", min=0.0)
     sample_z: bool = setting(True, "draw z from N(mu, var) afresh each epoch (else use mu)")
     heldout_fraction: float = setting(0.05, "fraction of episodes held out", min=0.0, max=0.5)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward_clip and (
+            len(self.reward_clip) != 2 or self.reward_clip[0] >= self.reward_clip[1]
+        ):
+            raise UserError(
+                f"reward_clip: expected [] or [low, high] with low < high, got {self.reward_clip}"
+            )
 
     def latents_path(self) -> Path:
         return Path(self.latents) if self.latents else self.run_dir / "latents"
@@ -87,13 +104,24 @@ class Episode:
     done: np.ndarray  # (T,) 1 where the env terminated
 
 
-def reward_targets(rewards: np.ndarray, target: str, window: int) -> np.ndarray:
-    """The raw rewards, or the progress rate: mean of rewards t..t+window-1 (shorter at the end)."""
+def reward_targets(
+    rewards: np.ndarray, target: str, window: int, clip: Sequence[float] = ()
+) -> np.ndarray:
+    """The reward head's target per step t.
+
+    raw: r_t. progress: mean of r_t..r_{t+window-1} (shorter at the end). trailing: mean of
+    r_{t-window+1}..r_t (shorter at the start). `clip` = (low, high) clips r first.
+    """
     rewards = rewards.astype(np.float32)
+    if len(clip):
+        rewards = np.clip(rewards, clip[0], clip[1])
     if target == "raw":
         return rewards
     csum = np.concatenate([[0.0], np.cumsum(rewards, dtype=np.float64)])
     idx = np.arange(len(rewards))
+    if target == "trailing":
+        begin = np.maximum(idx + 1 - window, 0)
+        return ((csum[idx + 1] - csum[begin]) / (idx + 1 - begin)).astype(np.float32)
     end = np.minimum(idx + window, len(rewards))
     return ((csum[end] - csum[idx]) / (end - idx)).astype(np.float32)
 
@@ -117,7 +145,9 @@ def load_episodes(store: LatentStore, cfg: TrainMDNRNNConfig) -> list[Episode]:
                 mu=ep["mu"].astype(np.float32),
                 logvar=ep["logvar"].astype(np.float32),
                 actions=ep["actions"].astype(np.float32),
-                rewards=reward_targets(ep["rewards"], cfg.reward_target, cfg.progress_window),
+                rewards=reward_targets(
+                    ep["rewards"], cfg.reward_target, cfg.progress_window, cfg.reward_clip
+                ),
                 done=ep["terminated"].astype(np.float32),
             )
         )

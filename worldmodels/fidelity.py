@@ -1,0 +1,759 @@
+"""`wm fidelity`: does the dream rank policies as the real env does?
+
+A dream is worth training in exactly as far as it tells a good policy from a bad one
+(../shared/notes/dream-transfer.md). This module measures that, for a set of policies — fixed
+ones (stop, constant gas levels, steering, braking, random and correlated random actions) and any
+controller checkpoints — by running each for the same `horizon` steps from the same situations:
+
+- real: on `tracks` tracks (seeds never used in training), after `warmup` steps of a fixed
+  warm-up action (CarRacing's first ~50 frames are its zoom-in), the policy drives `horizon` steps;
+  its return over those steps is recorded.
+- dream: V encodes the real warm-up frames of the same tracks, M runs over them (teacher-forced)
+  to fill (h, c), and the dream starts from that state; each start is dreamed `dream_samples`
+  times at temperature `temperature` and the predicted rewards summed over `horizon` steps.
+
+Reported per policy: dream and real mean return, their gap (dream - real); over policies: the
+Spearman rank correlation (and Pearson) of the means. Plus M's multi-step diagnostics on held-out
+real episodes: open-loop error of z, reward and done at several horizons under the episode's own
+actions, against persistence; and how much M's predicted reward responds to the action.
+
+Everything is written as library functions over a generic one-step function
+(`step(z, h, c, action, generator) -> DreamStep`), so a toy model with known answers tests it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gen_core.config import setting
+from gen_core.errors import UserError
+from gen_core.io import atomic_write_text
+from gen_core.plots import scatter_chart
+from gen_core.runs import RunConfig, cores, progress, start_run
+from rollouts.policies import CorrelatedRandomPolicy, make_policy
+from worldmodels.dream import DreamStep, dream_step
+
+FIDELITY_SEED_BASE = 2_000_000  # fidelity tracks overlap neither training nor evaluation seeds
+
+StepFn = Callable[..., DreamStep]  # (z, h, c, action, generator) -> DreamStep
+
+# Built-in fixed policies: name -> (kind, constant action on CarRacing's [steer, gas, brake]).
+FIXED_POLICIES: dict[str, tuple[str, tuple[float, float, float] | None]] = {
+    "stop": ("constant", (0.0, 0.0, 0.0)),
+    "gas_0.2": ("constant", (0.0, 0.2, 0.0)),
+    "gas_0.5": ("constant", (0.0, 0.5, 0.0)),
+    "full_gas": ("constant", (0.0, 1.0, 0.0)),
+    "left": ("constant", (-1.0, 0.3, 0.0)),
+    "right": ("constant", (1.0, 0.3, 0.0)),
+    "brake": ("constant", (0.0, 0.0, 0.8)),
+    "random": ("uniform", None),
+    "correlated": ("correlated", None),
+}
+
+
+@dataclass
+class PolicySpec:
+    """One policy compared in the dream and the real env."""
+
+    name: str
+    kind: str  # constant | uniform | correlated | controller
+    action: tuple[float, ...] | None = None  # constant policies
+    params: np.ndarray | None = None  # controllers: flat linear-controller parameters
+    spec: Any = None  # controllers: their ControllerSpec
+
+
+def fixed_policy(name: str) -> PolicySpec:
+    if name not in FIXED_POLICIES:
+        raise UserError(
+            f"policies: unknown policy {name!r}; expected some of {', '.join(FIXED_POLICIES)}"
+        )
+    kind, action = FIXED_POLICIES[name]
+    return PolicySpec(name, kind, action)
+
+
+# ---------------------------------------------------------------------------------- statistics
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tied = x == v
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    """Pearson correlation; 0.0 when either side does not vary (no information to rank by)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 1e-12 else 0.0
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (ties averaged); 0.0 when either side is constant."""
+    return pearson(_ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64)))
+
+
+@dataclass
+class FidelityResult:
+    """Dream vs real returns per policy, and how well the dream ranks them."""
+
+    names: list[str]
+    dream: np.ndarray  # (P, tracks) dream return per start (mean over dream samples)
+    real: np.ndarray  # (P, tracks) real return per track
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dream_mean(self) -> np.ndarray:
+        return self.dream.mean(axis=1)
+
+    @property
+    def real_mean(self) -> np.ndarray:
+        return self.real.mean(axis=1)
+
+    @property
+    def gap(self) -> np.ndarray:
+        return self.dream_mean - self.real_mean
+
+    @property
+    def spearman(self) -> float:
+        return spearman(self.dream_mean, self.real_mean)
+
+    @property
+    def pearson(self) -> float:
+        return pearson(self.dream_mean, self.real_mean)
+
+    def table(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "policy": n,
+                "dream_mean": round(float(self.dream[i].mean()), 2),
+                "dream_std": round(float(self.dream[i].std()), 2),
+                "real_mean": round(float(self.real[i].mean()), 2),
+                "real_std": round(float(self.real[i].std()), 2),
+                "gap": round(float(self.gap[i]), 2),
+            }
+            for i, n in enumerate(self.names)
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "spearman": round(self.spearman, 3),
+            "pearson": round(self.pearson, 3),
+            "policies": len(self.names),
+            "mean_abs_gap": round(float(np.abs(self.gap).mean()), 2),
+        }
+        for i, n in enumerate(self.names):
+            out[f"dream_{n}"] = round(float(self.dream_mean[i]), 2)
+            out[f"real_{n}"] = round(float(self.real_mean[i]), 2)
+        out.update(self.extra)
+        return out
+
+    def markdown(self) -> str:
+        lines = [
+            "| policy | dream mean ± std | real mean ± std | dream − real |",
+            "| --- | --- | --- | --- |",
+        ]
+        for row in self.table():
+            lines.append(
+                f"| {row['policy']} | {row['dream_mean']:.1f} ± {row['dream_std']:.1f} | "
+                f"{row['real_mean']:.1f} ± {row['real_std']:.1f} | {row['gap']:+.1f} |"
+            )
+        lines.append("")
+        lines.append(
+            f"Spearman {self.spearman:.3f}, Pearson {self.pearson:.3f} over {len(self.names)} "
+            "policies."
+        )
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- real side
+
+
+def real_policy(p: PolicySpec, action_space, agent_factory: Callable | None = None):
+    """A numpy `obs -> action` policy (with `reset(seed)`) for the real env."""
+    if p.kind == "constant":
+        return make_policy("constant", action_space, action=list(p.action))
+    if p.kind in ("uniform", "correlated"):
+        return make_policy(p.kind, action_space)
+    if p.kind == "controller":
+        if agent_factory is None:
+            raise UserError(f"policy {p.name}: a controller needs V and M to run in the real env")
+        agent = agent_factory()
+        agent.set_params(p.params)
+        return agent
+    raise UserError(f"policy {p.name}: unknown kind {p.kind!r}")
+
+
+def play_from_warmup(
+    env, policy, seed: int, warmup: int, warmup_action: np.ndarray, horizon: int
+) -> tuple[float, list[np.ndarray]]:
+    """Warm up with a fixed action, then let `policy` drive `horizon` steps.
+
+    Returns the return over the policy's steps and the warm-up observations (warmup + 1 frames,
+    the last being the one the policy first sees). A policy with `observe(obs, action)` (the
+    World Models agent) sees the warm-up frames too, so its M state matches the dream's start.
+    """
+    obs, _ = env.reset(seed=seed)
+    if hasattr(policy, "reset"):
+        policy.reset(seed)
+    frames = [obs]
+    for _ in range(warmup):
+        if hasattr(policy, "observe"):
+            policy.observe(obs, warmup_action)
+        obs, _, terminated, truncated, _ = env.step(warmup_action)
+        frames.append(obs)
+        if terminated or truncated:
+            raise UserError(f"track {seed}: the episode ended during the {warmup}-step warm-up")
+    total = 0.0
+    for _ in range(horizon):
+        obs, reward, terminated, truncated, _ = env.step(policy(obs))
+        total += float(reward)
+        if terminated or truncated:
+            break
+    return total, frames
+
+
+class FidelityWorker:
+    """Plays policies on real tracks (a Ray actor, or inline)."""
+
+    def __init__(
+        self,
+        env_fn: Callable[[], Any],
+        warmup: int,
+        warmup_action: Sequence[float],
+        horizon: int,
+        agent_factory: Callable | None = None,
+        single_thread: bool = False,
+    ):
+        if single_thread:  # one per Ray actor; an inline worker leaves the caller's threads alone
+            torch.set_num_threads(1)
+        self.env = env_fn()
+        self.warmup, self.horizon = warmup, horizon
+        self.warmup_action = np.asarray(warmup_action, dtype=np.float32)
+        self.agent_factory = agent_factory
+
+    def play(self, item: tuple[int, PolicySpec, int]) -> float:
+        _, p, seed = item
+        policy = real_policy(p, self.env.action_space, self.agent_factory)
+        ret, _ = play_from_warmup(
+            self.env, policy, seed, self.warmup, self.warmup_action, self.horizon
+        )
+        return ret
+
+    def warmup_frames(self, seed: int) -> list[np.ndarray]:
+        policy = make_policy("constant", self.env.action_space, action=list(self.warmup_action))
+        _, frames = play_from_warmup(self.env, policy, seed, self.warmup, self.warmup_action, 0)
+        return frames
+
+
+def real_returns(
+    worker_args: tuple,
+    policies: Sequence[PolicySpec],
+    seeds: Sequence[int],
+    workers: int = 1,
+    ray_address: str | None = None,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """(P, tracks) real returns; in Ray actors when `workers` > 1, else in this process."""
+    items = [(i, p, s) for i, p in enumerate(policies) for s in seeds]
+    col = {s: j for j, s in enumerate(seeds)}
+    out = np.zeros((len(policies), len(seeds)))
+    bar = progress(total=len(items), desc="real", unit="ep", disable=not show_progress)
+    try:
+        if workers > 1 or ray_address:
+            from rollouts.parallel import ActorPool
+
+            args = (*worker_args, True)
+            with ActorPool(FidelityWorker, args, n=workers, ray_address=ray_address) as pool:
+                for (i, _, s), ret in pool.map_unordered("play", items):
+                    out[i, col[s]] = ret
+                    bar.update(1)
+        else:
+            worker = FidelityWorker(*worker_args)
+            for item in items:
+                i, _, s = item
+                out[i, col[s]] = worker.play(item)
+                bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------- dream side
+
+
+@torch.no_grad()
+def start_states_from_frames(
+    step: StepFn,
+    latents: Sequence[torch.Tensor],
+    warmup_action: Sequence[float],
+    hidden: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dream starts from encoded warm-up frames: each latents[i] is (warmup + 1, z_dim).
+
+    M runs teacher-forced over the first `warmup` latents under the warm-up action; the start
+    is (last latent, h, c). Returns z (N, z_dim), h and c (N, hidden).
+    """
+    z_seq = torch.stack(list(latents))  # (N, W + 1, z_dim)
+    N, W1, _ = z_seq.shape
+    h = torch.zeros(N, hidden)
+    c = torch.zeros(N, hidden)
+    a = torch.as_tensor(warmup_action, dtype=torch.float32).expand(N, -1)  # (N, A)
+    for t in range(W1 - 1):
+        s = step(z_seq[:, t], h, c, a, None)
+        h, c = s.h, s.c
+    return z_seq[:, -1], h, c
+
+
+class _BatchedNumpyPolicy:
+    """One stateful numpy policy per dream rollout, stepped together."""
+
+    def __init__(self, make: Callable[[], Any], n: int, seeds: Sequence[int]):
+        self.policies = [make() for _ in range(n)]
+        for p, s in zip(self.policies, seeds):
+            p.reset(int(s))
+
+    def __call__(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        obs = np.zeros(1, np.float32)  # these policies ignore the observation
+        return torch.as_tensor(np.stack([p(obs) for p in self.policies]), dtype=torch.float32)
+
+
+def dream_policy(
+    p: PolicySpec,
+    n: int,
+    action_space,
+    generator: torch.Generator,
+    seeds: Sequence[int],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A batched `(z, h) -> actions (n, A)` version of a policy for `n` dream rollouts."""
+    low = torch.as_tensor(action_space.low, dtype=torch.float32)
+    high = torch.as_tensor(action_space.high, dtype=torch.float32)
+    if p.kind == "constant":
+        a = torch.as_tensor(p.action, dtype=torch.float32).expand(n, -1)
+        return lambda z, h: a
+    if p.kind == "uniform":
+        return lambda z, h: low + (high - low) * torch.rand(n, len(low), generator=generator)
+    if p.kind == "correlated":
+        return _BatchedNumpyPolicy(partial(CorrelatedRandomPolicy, action_space), n, seeds)
+    if p.kind == "controller":
+        from worldmodels.controller import BatchController, controller_obs
+
+        ctrl = BatchController(p.params, p.spec)
+        return lambda z, h: ctrl(controller_obs(z, h, p.spec)[None])[0]
+    raise UserError(f"policy {p.name}: unknown kind {p.kind!r}")
+
+
+@torch.no_grad()
+def rollout_returns(
+    step: StepFn,
+    policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B,) summed predicted reward of B dream rollouts; a rollout stops at its predicted end."""
+    total = torch.zeros(len(z))
+    alive = torch.ones(len(z), dtype=torch.bool)
+    for _ in range(steps):
+        s = step(z, h, c, policy(z, h), generator)
+        total += s.reward * alive
+        alive &= ~s.done
+        z, h, c = s.z, s.h, s.c
+        if not alive.any():
+            break
+    return total
+
+
+def dream_returns_for(
+    step: StepFn,
+    policies: Sequence[PolicySpec],
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    horizon: int,
+    samples: int,
+    action_space,
+    seed: int = 0,
+) -> np.ndarray:
+    """(P, starts) dream return per policy and start, the mean over `samples` dreams each."""
+    z0, h0, c0 = start
+    N = len(z0)
+    rep = lambda x: x.repeat_interleave(samples, dim=0)  # noqa: E731  (N * samples, ...)
+    out = np.zeros((len(policies), N))
+    for i, p in enumerate(policies):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        seeds = [seed * 10_000_000 + i * 100_000 + j for j in range(N * samples)]
+        policy = dream_policy(p, N * samples, action_space, g, seeds)
+        ret = rollout_returns(step, policy, rep(z0), rep(h0), rep(c0), horizon, g)
+        out[i] = ret.view(N, samples).mean(dim=1).numpy()
+    return out
+
+
+def mdnrnn_step(model, temperature: float, done_threshold: float = 0.5) -> StepFn:
+    """M's dream step at a temperature, as the generic one-step function."""
+
+    def step(z, h, c, action, generator):
+        return dream_step(model, z, h, c, action, temperature, generator, done_threshold)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------- M diagnostics
+
+
+@torch.no_grad()
+def open_loop_errors(
+    step: StepFn,
+    episodes: Sequence[dict[str, np.ndarray]],
+    hidden: int,
+    horizons: Sequence[int] = (1, 10, 50),
+    context: int = 20,
+    starts_per_episode: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Open-loop prediction error of z, reward and done under real episodes' own actions.
+
+    From a start point t0 of each episode (after `context` teacher-forced steps fill h), M runs on
+    its own samples under the episode's actions. At each horizon k: mean squared error of the
+    dreamed z against the real z_{t0+k} (and of persistence, z_{t0}, for scale), absolute error of
+    the predicted reward against the reward target, and accuracy of the predicted end.
+
+    `episodes`: dicts with `z` (T+1, z_dim), `actions` (T, A), `rewards` (T,) reward-head
+    targets, `done` (T,).
+    """
+    H = max(horizons)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ep in episodes:
+        T = len(ep["actions"])
+        if T < context + H:
+            continue
+        for t0 in rng.integers(context, T - H + 1, size=starts_per_episode):
+            rows.append((ep, int(t0)))
+    if not rows:
+        raise UserError(f"open-loop diagnostics: no episode is longer than {context + H} steps")
+    B = len(rows)
+    z_real = torch.stack(
+        [
+            torch.as_tensor(ep["z"][t0 - context : t0 + H + 1], dtype=torch.float32)
+            for ep, t0 in rows
+        ]
+    )  # (B, context + H + 1, z_dim)
+    acts = torch.stack(
+        [
+            torch.as_tensor(ep["actions"][t0 - context : t0 + H], dtype=torch.float32)
+            for ep, t0 in rows
+        ]
+    )  # (B, context + H, A)
+    rew = np.stack([ep["rewards"][t0 : t0 + H] for ep, t0 in rows])  # (B, H)
+    done = np.stack([ep["done"][t0 : t0 + H] for ep, t0 in rows])  # (B, H)
+    h = torch.zeros(B, hidden)
+    c = torch.zeros(B, hidden)
+    for t in range(context):
+        s = step(z_real[:, t], h, c, acts[:, t], None)
+        h, c = s.h, s.c
+    g = torch.Generator().manual_seed(seed)
+    z = z_real[:, context]
+    z_err, r_err, d_acc = [], [], []
+    for k in range(H):
+        s = step(z, h, c, acts[:, context + k], g)
+        z, h, c = s.z, s.h, s.c
+        z_err.append(((z - z_real[:, context + k + 1]) ** 2).mean(dim=1).numpy())
+        r_err.append(np.abs(s.reward.numpy() - rew[:, k]))
+        d_acc.append((s.done.numpy() == (done[:, k] > 0.5)).astype(np.float64))
+    persist = ((z_real[:, context : context + 1] - z_real[:, context + 1 :]) ** 2).mean(dim=2)
+    out: dict[str, Any] = {"starts": B}
+    for k in horizons:
+        out[f"z_mse_{k}"] = round(float(z_err[k - 1].mean()), 4)
+        out[f"z_mse_persistence_{k}"] = round(float(persist[:, k - 1].mean()), 4)
+        out[f"reward_mae_{k}"] = round(float(r_err[k - 1].mean()), 4)
+        out[f"done_acc_{k}"] = round(float(d_acc[k - 1].mean()), 4)
+    return out
+
+
+@torch.no_grad()
+def reward_response(
+    step: StepFn,
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    actions: dict[str, Sequence[float]],
+    steps: int = 50,
+    samples: int = 4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean predicted reward per step over `steps` dream steps under each constant action, from
+    the same starts: how strongly M's reward responds to what the car does."""
+    z0, h0, c0 = start
+    rep = lambda x: x.repeat_interleave(samples, dim=0)  # noqa: E731
+    out = {}
+    for name, a in actions.items():
+        g = torch.Generator().manual_seed(seed)
+        act = torch.as_tensor(a, dtype=torch.float32).expand(len(z0) * samples, -1)
+        total = rollout_returns(
+            step, lambda z, h, act=act: act, rep(z0), rep(h0), rep(c0), steps, g
+        )
+        out[name] = round(float(total.mean()) / steps, 4)
+    return out
+
+
+# ------------------------------------------------------------------------------ the whole measure
+
+
+def measure_fidelity(
+    step: StepFn,
+    encode: Callable[[list[np.ndarray]], torch.Tensor],
+    env_fn: Callable[[], Any],
+    policies: Sequence[PolicySpec],
+    seeds: Sequence[int],
+    hidden: int,
+    warmup: int = 50,
+    warmup_action: Sequence[float] = (0.0, 0.0, 0.0),
+    horizon: int = 300,
+    dream_samples: int = 4,
+    workers: int = 1,
+    ray_address: str | None = None,
+    agent_factory: Callable | None = None,
+    real: np.ndarray | None = None,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> FidelityResult:
+    """Dream and real returns of `policies` from the same tracks (see the module docstring).
+
+    Args:
+        step: the dream's one-step function (`mdnrnn_step(M, tau)` for M).
+        encode: real frames (warmup + 1 of them) -> their latents (warmup + 1, z_dim).
+        env_fn: makes the real env.
+        real: precomputed real returns (P, tracks), e.g. cached from an earlier call.
+    """
+    worker_args = (env_fn, warmup, tuple(warmup_action), horizon, agent_factory)
+    probe = FidelityWorker(*worker_args[:4])
+    latents = [encode(probe.warmup_frames(s)) for s in seeds]
+    start = start_states_from_frames(step, latents, warmup_action, hidden)
+    dream = dream_returns_for(
+        step, policies, start, horizon, dream_samples, probe.env.action_space, seed
+    )
+    if real is None:
+        real = real_returns(worker_args, policies, seeds, workers, ray_address, show_progress)
+    extra = {
+        "reward_response": reward_response(
+            step,
+            start,
+            {"stop": (0.0, 0.0, 0.0), "full_gas": (0.0, 1.0, 0.0)},
+            steps=min(50, horizon),
+            samples=dream_samples,
+            seed=seed,
+        )
+    }
+    return FidelityResult([p.name for p in policies], dream, real, extra)
+
+
+# ---------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class FidelityConfig(RunConfig):
+    """Settings of `wm fidelity`."""
+
+    vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
+    mdnrnn: str = setting("", "M checkpoint (default: <run_dir>/mdnrnn/checkpoints)")
+    store: str = setting("", "episode store V was trained on (default: <run_dir>/store)")
+    latents: str = setting("", "latent store for M's diagnostics (default: <run_dir>/latents)")
+    policies: list[str] = setting(
+        list(FIXED_POLICIES), f"fixed policies to compare, some of: {', '.join(FIXED_POLICIES)}"
+    )
+    controllers: list[str] = setting([], "controller checkpoints to compare as well")
+    tracks: int = setting(16, "real tracks, and dream start states taken from them", min=2)
+    horizon: int = setting(300, "steps each policy drives, in the dream and for real", min=1)
+    warmup: int = setting(50, "steps of the warm-up action before a policy takes over", min=1)
+    warmup_action: list[float] = setting([0.0, 0.0, 0.0], "action held during the warm-up")
+    temperature: float = setting(1.0, "dream sampling temperature tau", min=0.0)
+    dream_samples: int = setting(
+        4, "dreams per start state (their mean is the start's return)", min=1
+    )
+    done_threshold: float = setting(0.5, "predicted done probability that ends a dream", min=0.0)
+    horizons: list[int] = setting([1, 10, 50], "open-loop diagnostic horizons")
+    context: int = setting(20, "teacher-forced steps before the open-loop diagnostics", min=1)
+    env_id: str = setting("CarRacingFast-v3", "gymnasium env id")
+    workers: int | None = setting(
+        None, "Ray workers for real episodes (default: one per core)", min=1
+    )
+    ray_address: str | None = setting(None, "existing Ray cluster address (default: local)")
+    name: str = setting("", "output folder under <run_dir>/fidelity/ (default: tau<temperature>)")
+
+    def validate(self) -> None:
+        super().validate()
+        for n in self.policies:
+            fixed_policy(n)
+        if len(self.warmup_action) != 3:
+            raise UserError("warmup_action: expected 3 numbers [steer, gas, brake]")
+        if not self.horizons or min(self.horizons) < 1:
+            raise UserError("horizons: expected positive step counts")
+
+
+def _cache_key(cfg: FidelityConfig, p: PolicySpec, seeds: Sequence[int]) -> str:
+    return json.dumps(
+        [cfg.env_id, p.kind, p.action, list(seeds), cfg.warmup, cfg.warmup_action, cfg.horizon]
+    )
+
+
+def main(cfg: FidelityConfig) -> int:
+    from rollouts.collect import make_env, preprocess
+    from worldmodels.agent import WorldModelAgent, load_agent_parts
+    from worldmodels.evolve import load_controller_params
+    from worldmodels.latents import LatentStore
+    from worldmodels.mdnrnn import reward_targets
+
+    run = start_run(cfg, "fidelity")
+    torch.set_num_threads(max(1, cfg.threads or cores()))
+    vae, mdnrnn, spec, frames = load_agent_parts(
+        cfg.path(cfg.vae, "vae/checkpoints"),
+        cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"),
+        cfg.path(cfg.store, "store"),
+    )
+    from worldmodels.mdnrnn import load_mdnrnn
+
+    _, m_cfg = load_mdnrnn(cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"))
+    policies = [fixed_policy(n) for n in cfg.policies]
+    for i, path in enumerate(cfg.controllers):
+        params, c_cfg = load_controller_params(Path(path), "auto")
+        from worldmodels.controller import ControllerSpec
+
+        c_spec = ControllerSpec(
+            spec.z_dim, spec.hidden if c_cfg.get("observe_hidden", True) else 0, spec.action_dim
+        )
+        policies.append(PolicySpec(f"controller_{i + 1}", "controller", None, params, c_spec))
+
+    def encode(obs_list: list[np.ndarray]) -> torch.Tensor:
+        from gen_core.vae import images_to_float
+
+        x = np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs_list])
+        with torch.no_grad():
+            return vae.encode(images_to_float(torch.from_numpy(x)))[0]  # (W + 1, z_dim)
+
+    seeds = [FIDELITY_SEED_BASE + cfg.seed * 10_000 + i for i in range(cfg.tracks)]
+    step = mdnrnn_step(mdnrnn, cfg.temperature, cfg.done_threshold)
+    env_fn = partial(make_env, cfg.env_id, cfg.warmup + cfg.horizon + 1)
+    agent_factory = partial(WorldModelAgent, vae, mdnrnn, spec, frames)
+
+    # Real returns of fixed policies depend on neither V nor M: one cache serves every run.
+    cache_path = Path(cfg.runs_dir) / "fidelity_real_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    keys = [_cache_key(cfg, p, seeds) if p.kind != "controller" else None for p in policies]
+    todo = [i for i, k in enumerate(keys) if k is None or k not in cache]
+    worker_args = (env_fn, cfg.warmup, tuple(cfg.warmup_action), cfg.horizon, agent_factory)
+    real = np.zeros((len(policies), len(seeds)))
+    for i, k in enumerate(keys):
+        if i not in todo:
+            real[i] = cache[k]
+    if todo:
+        n_workers = min(cfg.workers or cores(), len(todo) * len(seeds))
+        real[todo] = real_returns(
+            worker_args,
+            [policies[i] for i in todo],
+            seeds,
+            n_workers,
+            cfg.ray_address,
+            cfg.progress,
+        )
+        for i in todo:
+            if keys[i] is not None:
+                cache[keys[i]] = real[i].tolist()
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_path, json.dumps(cache) + "\n")
+
+    result = measure_fidelity(
+        step,
+        encode,
+        env_fn,
+        policies,
+        seeds,
+        mdnrnn.config.hidden,
+        cfg.warmup,
+        cfg.warmup_action,
+        cfg.horizon,
+        cfg.dream_samples,
+        real=real,
+        seed=cfg.seed,
+    )
+
+    # M's open-loop diagnostics on the episodes M held out (V's split rule).
+    latents = LatentStore(cfg.path(cfg.latents, "latents"))
+    from worldmodels.vae import split_episodes
+
+    indices = latents.indices()
+    _, held = split_episodes(
+        list(indices), m_cfg.get("heldout_fraction", 0.05), m_cfg.get("seed", 0)
+    )
+    held = set(held) or set(indices[:4])
+    episodes = []
+    for index, ep in latents.iter_episodes():
+        if index in held:
+            episodes.append(
+                {
+                    "z": ep["mu"].astype(np.float32),
+                    "actions": ep["actions"].astype(np.float32),
+                    "rewards": reward_targets(
+                        ep["rewards"],
+                        m_cfg.get("reward_target", "raw"),
+                        m_cfg.get("progress_window", 20),
+                        m_cfg.get("reward_clip", []),
+                    ),
+                    "done": ep["terminated"].astype(np.float32),
+                }
+            )
+    diag = open_loop_errors(
+        step, episodes, mdnrnn.config.hidden, cfg.horizons, cfg.context, seed=cfg.seed
+    )
+    result.extra["open_loop"] = diag
+
+    out = run.dir / (cfg.name or f"tau{cfg.temperature:g}")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "name": "fidelity",
+        "temperature": cfg.temperature,
+        "tracks": cfg.tracks,
+        "horizon": cfg.horizon,
+        **result.summary(),
+    }
+    atomic_write_text(
+        out / "fidelity.json",
+        json.dumps({**summary, "table": result.table()}, indent=2) + "\n",
+    )
+    atomic_write_text(out / "fidelity.md", result.markdown())
+    scatter_chart(
+        out / "fidelity.png",
+        {
+            n: (float(x), float(y))
+            for n, x, y in zip(result.names, result.real_mean, result.dream_mean)
+        },
+        f"dream (tau {cfg.temperature:g}) vs real, {cfg.horizon} steps, {cfg.tracks} tracks: "
+        f"Spearman {result.spearman:.2f}",
+        xlabel="real mean return",
+        ylabel="dream mean return (grey line: dream = real)",
+    )
+    for row in result.table():
+        run.log.info(
+            f"fidelity {row['policy']:>14}: dream {row['dream_mean']:8.1f}  real "
+            f"{row['real_mean']:8.1f}  gap {row['gap']:+8.1f}"
+        )
+    run.log.info(
+        f"fidelity: Spearman {result.spearman:.3f}, Pearson {result.pearson:.3f}; "
+        f"reward response {result.extra['reward_response']}; open loop {diag}; written to {out}"
+    )
+    print(json.dumps(summary))
+    run.close()
+    return 0
