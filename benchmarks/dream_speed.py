@@ -24,9 +24,8 @@ no dream rollout ends early (done threshold above 1).
 
 The five measurements run in turn, `--rounds` times (order rotated each round), so load from other
 processes hits all alike; rates are medians over rounds and ratios medians of per-round ratios.
-Env resets are not timed. `load_avg_1m` (start and end) shows whether the machine was shared: on
-a busy machine, multi-threaded torch with libgomp's default spin-waiting runs several times slower
-than one thread; OMP_WAIT_POLICY=PASSIVE (recorded as `omp_wait_policy`) or --threads 1 avoids it.
+Env resets are not timed. `load_avg_1m` (start and end) shows whether the machine was shared.
+OMP_WAIT_POLICY is PASSIVE unless set otherwise, as in the toolkit (recorded as `omp_wait_policy`).
 
     python benchmarks/dream_speed.py [--population 64] [--trials 16] [--steps 100] [--bf16]
 """
@@ -40,16 +39,21 @@ import statistics
 import time
 from types import SimpleNamespace
 
-import numpy as np
-import torch
+# As the toolkit runs (gen_core sets it before torch loads; OpenMP reads it only then): idle
+# OpenMP threads sleep instead of spinning, which on a busy machine is ~10x faster.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+OMP_WAIT_POLICY = os.environ["OMP_WAIT_POLICY"]
 
-from gen_core.mdnrnn import MDNRNN, MDNRNNConfig
-from gen_core.vae import VAE, VAEConfig
-from rollouts.collect import make_env
-from worldmodels.agent import FrameSettings, WorldModelAgent
-from worldmodels.controller import ControllerSpec
-from worldmodels.dream import StartStates
-from worldmodels.train_controller import DreamFitness
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from gen_core.mdnrnn import MDNRNN, MDNRNNConfig  # noqa: E402
+from gen_core.vae import VAE, VAEConfig  # noqa: E402
+from rollouts.collect import make_env  # noqa: E402
+from worldmodels.agent import FrameSettings, WorldModelAgent  # noqa: E402
+from worldmodels.controller import ControllerSpec  # noqa: E402
+from worldmodels.dream import StartStates  # noqa: E402
+from worldmodels.train_controller import DreamFitness  # noqa: E402
 
 
 def env_rate(env, steps: int, seed: int, act) -> float:
@@ -172,7 +176,7 @@ def main() -> None:
                 "threads": args.threads,
                 "cores": os.cpu_count(),
                 "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                "omp_wait_policy": OMP_WAIT_POLICY,
                 "units": "environment steps per second (one step = one rollout advanced one frame)",
             }
         )
