@@ -7,6 +7,8 @@ import numpy as np
 from PIL import Image
 
 from gen_core.checkpoint import load_checkpoint
+from rollouts.store import EpisodeStore
+from worldmodels.latents import LatentStore
 from worldmodels.cli import main as wm
 
 TINY = """
@@ -72,13 +74,37 @@ def test_pipeline_checks_every_section_before_running(tmp_path, capsys):
 def test_real_mode_controller_training_uses_ray_workers(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, "))
-    assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false",
-               "controller.generations=1", "evaluate.episodes=1"]) == 0
+    assert (
+        wm(
+            [
+                "pipeline",
+                "--config",
+                str(cfg),
+                f"runs_dir={tmp_path}",
+                "baselines=false",
+                "controller.generations=1",
+                "evaluate.episodes=1",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "e2e"
-    args = ["train-controller", f"runs_dir={tmp_path}", "run_name=real", "progress=false",
-            f"vae={run / 'vae'}", f"mdnrnn={run / 'mdnrnn'}", f"store={run / 'store'}",
-            "mode=real", "population=3", "trials=2", "generations=2", "eval_every=0",
-            "max_steps=25", "workers=2"]
+    args = [
+        "train-controller",
+        f"runs_dir={tmp_path}",
+        "run_name=real",
+        "progress=false",
+        f"vae={run / 'vae'}",
+        f"mdnrnn={run / 'mdnrnn'}",
+        f"store={run / 'store'}",
+        "mode=real",
+        "population=3",
+        "trials=2",
+        "generations=2",
+        "eval_every=0",
+        "max_steps=25",
+        "workers=2",
+    ]
     assert wm(args) == 0
     ck = load_checkpoint(tmp_path / "real" / "controller" / "checkpoints")
     assert ck.step == 2 and len(ck.model["candidates"]) == 2
@@ -86,3 +112,48 @@ def test_real_mode_controller_training_uses_ray_workers(tmp_path):
     assert fitness.shape == (3,) and np.all(np.abs(fitness) > 0)  # real returns (-0.1/frame ...)
     log = (tmp_path / "real" / "controller" / "log.txt").read_text()
     assert "mode real" in log and "gen 2/2" in log
+
+
+def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
+    """One round of the iterative loop (collect with the controller, retrain M, evolve C again),
+    then `wm fidelity` on the result: dream vs real returns, Spearman, M's open-loop errors."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        TINY.replace("evaluate: {", "evaluate: {gif: false, ")
+        + "iterations: 1\ncollect_agent: {episodes: 2, max_steps: 40, backend: inline}\n"
+    )
+    assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]) == 0
+    run = tmp_path / "e2e"
+    store = EpisodeStore(run / "store")
+    labels = sorted(str(ep["policy"]) for _, ep in store.iter_episodes(keys=("policy",)))
+    assert labels == ["agent", "agent", "correlated", "correlated", "correlated", "correlated"]
+    assert len(LatentStore(run / "latents").indices()) == 6
+    assert load_checkpoint(run / "mdnrnn_iter1" / "checkpoints").step == 2
+    assert load_checkpoint(run / "controller_iter1" / "checkpoints").step == 2
+    evaluated = (run / "evaluate" / "config.yaml").read_text()
+    assert "controller_iter1" in evaluated and "mdnrnn_iter1" in evaluated
+    report = json.loads((run / "report" / "score.json").read_text())
+    assert report["iterations"] == 1
+
+    args = [
+        "fidelity",
+        f"runs_dir={tmp_path}",
+        "run_name=e2e",
+        "progress=false",
+        "tracks=2",
+        "horizon=12",
+        "warmup=4",
+        "dream_samples=2",
+        "workers=1",
+        "horizons=[1,3]",
+        "context=3",
+        "policies=[stop,full_gas,left]",
+        f"controllers=[{run / 'controller_iter1' / 'checkpoints'}]",
+    ]
+    assert wm(args) == 0
+    out = json.loads((run / "fidelity" / "tau1" / "fidelity.json").read_text())
+    assert out["policies"] == 4 and -1 <= out["spearman"] <= 1
+    assert out["real_stop"] == -1.2  # 12 standing steps at -0.1
+    assert {"z_mse_1", "z_mse_3", "reward_mae_3"} <= set(out["open_loop"])
+    assert Image.open(run / "fidelity" / "tau1" / "fidelity.png").size == (640, 480)
+    assert (tmp_path / "fidelity_real_cache.json").exists()

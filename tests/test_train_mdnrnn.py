@@ -80,6 +80,29 @@ def test_progress_reward_target():
     np.testing.assert_array_equal(reward_targets(r, "raw", 2), r)
 
 
+def test_trailing_reward_target_and_clip():
+    r = np.array([0, 0, 3, -100, 1], np.float32)
+    np.testing.assert_allclose(reward_targets(r, "trailing", 2), [0, 0, 1.5, -48.5, -49.5])
+    # Clipping first keeps the -100 exit out of the dense target.
+    np.testing.assert_allclose(reward_targets(r, "trailing", 2, [-1, 10]), [0, 0, 1.5, 1, 0])
+    np.testing.assert_allclose(reward_targets(r, "raw", 1, [-1, 10]), [0, 0, 3, -1, 1])
+
+
+def test_z_noise_scales_the_posterior_draw():
+    ep = Episode(
+        mu=np.zeros((201, 4), np.float32),
+        logvar=np.zeros((201, 4), np.float32),  # posterior std 1
+        actions=np.zeros((200, 1), np.float32),
+        rewards=np.zeros(200, np.float32),
+        done=np.zeros(200, np.float32),
+    )
+    stds = []
+    for scale in (1.0, 0.3, 0.0):
+        ch = make_chunks([ep], 50, np.random.default_rng(0), True, False, z_noise=scale)
+        stds.append(float(ch["z"][ch["mask"].bool()].std()))
+    assert abs(stds[0] - 1.0) < 0.05 and abs(stds[1] - 0.3) < 0.02 and stds[2] == 0.0
+
+
 def test_training_lowers_heldout_nll_and_resumes(tmp_path):
     write_latents(tmp_path / "lat")
     cfg = cfg_for(tmp_path, epochs=1)

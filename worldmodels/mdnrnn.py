@@ -42,6 +42,7 @@ class TrainMDNRNNConfig(RunConfig):
     """Settings of `wm train-mdnrnn`."""
 
     latents: str = setting("", "latent store from 'wm encode' (default: <run_dir>/latents)")
+    out_name: str = setting("mdnrnn", "output folder under the run folder (one per iteration)")
     hidden: int = setting(256, "LSTM hidden units", min=1)
     n_mixtures: int = setting(5, "Gaussians per latent dimension", min=1)
     reward_weight: float = setting(1.0, "weight of the reward loss", min=0.0)
@@ -66,6 +67,12 @@ class TrainMDNRNNConfig(RunConfig):
     lr: float = setting(1e-3, "Adam learning rate", min=0.0, min_inclusive=False)
     grad_clip: float = setting(1.0, "gradient norm clip (0: none)", min=0.0)
     sample_z: bool = setting(True, "draw z from N(mu, var) afresh each epoch (else use mu)")
+    z_noise: float = setting(
+        1.0,
+        "with sample_z, scale of the posterior std: 1 is World Models' full draw; less keeps "
+        "the frame-to-frame motion (small in z) from drowning in V's noise",
+        min=0.0,
+    )
     heldout_fraction: float = setting(0.05, "fraction of episodes held out", min=0.0, max=0.5)
 
     def validate(self) -> None:
@@ -155,7 +162,12 @@ def load_episodes(store: LatentStore, cfg: TrainMDNRNNConfig) -> list[Episode]:
 
 
 def make_chunks(
-    episodes: list[Episode], seq_len: int, rng: np.random.Generator, sample_z: bool, offset: bool
+    episodes: list[Episode],
+    seq_len: int,
+    rng: np.random.Generator,
+    sample_z: bool,
+    offset: bool,
+    z_noise: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Cut episodes into padded chunks of `seq_len` steps, z drawn afresh from the posterior.
 
@@ -165,7 +177,8 @@ def make_chunks(
     for ep in episodes:
         z = ep.mu
         if sample_z:
-            z = ep.mu + np.exp(0.5 * ep.logvar) * rng.standard_normal(ep.mu.shape, np.float32)
+            eps = rng.standard_normal(ep.mu.shape, np.float32)
+            z = ep.mu + z_noise * np.exp(0.5 * ep.logvar) * eps
         T = len(ep.actions)
         start = int(rng.integers(0, seq_len)) if offset else 0
         cuts = sorted({0, T, *range(start, T, seq_len)})
@@ -214,7 +227,7 @@ def evaluate(model: MDNRNN, chunks: dict[str, torch.Tensor], device, batch: int 
 
 
 def main(cfg: TrainMDNRNNConfig) -> int:
-    run = start_run(cfg, "mdnrnn")
+    run = start_run(cfg, cfg.out_name)
     device = resolve_device(cfg.device)
     store = LatentStore(cfg.latents_path())
     episodes = load_episodes(store, cfg)
@@ -237,14 +250,16 @@ def main(cfg: TrainMDNRNNConfig) -> int:
         start_epoch = ck.step
         run.log.info(f"mdnrnn: resumed from {ck.path} (epoch {start_epoch})")
     data_rng = np.random.default_rng([cfg.seed, start_epoch])
-    held = make_chunks(held_eps, cfg.seq_len, np.random.default_rng(cfg.seed), cfg.sample_z, False)
+    held = make_chunks(
+        held_eps, cfg.seq_len, np.random.default_rng(cfg.seed), cfg.sample_z, False, cfg.z_noise
+    )
     run.log.info(
         f"mdnrnn: {len(train_eps)} train / {len(held_eps)} held-out episodes, z_dim {z_dim}, "
         f"{sum(p.numel() for p in model.parameters())} parameters, device {device}"
     )
 
     for epoch in range(start_epoch, cfg.epochs):
-        chunks = make_chunks(train_eps, cfg.seq_len, data_rng, cfg.sample_z, offset=True)
+        chunks = make_chunks(train_eps, cfg.seq_len, data_rng, cfg.sample_z, True, cfg.z_noise)
         order = torch.from_numpy(data_rng.permutation(len(chunks["z"])))
         n_batches = math.ceil(len(order) / cfg.batch_size)
         bar = progress(

@@ -1,9 +1,12 @@
 """`wm pipeline`: the whole chain from one config file, then a report.
 
-collect -> train-vae -> encode -> train-mdnrnn -> dream-video -> train-controller -> evaluate
-(the controller and, as baselines, uniform random actions and constant full gas, on the same
-tracks). Every stage resumes from what is on disk, so a finished stage costs nothing and a killed
-pipeline run again continues where it stopped. The report (`<run_dir>/report/report.md`) has
+collect -> train-vae -> encode -> train-mdnrnn -> dream-video -> train-controller, then
+`iterations` rounds of World Models' iterative loop (collect-agent: episodes driven by the latest
+controller with exploration, appended to the store -> encode -> train-mdnrnn -> train-controller,
+each round in its own mdnrnn_iterK / controller_iterK folders), then evaluate (the last controller
+and, as baselines, uniform random actions and constant full gas, on the same tracks). Every stage
+resumes from what is on disk, so a finished stage costs nothing and a killed pipeline run again
+continues where it stopped. The report (`<run_dir>/report/report.md`) has
 PNG curves of the VAE loss, M's loss, CMA-ES returns per generation and the final scores;
 `score.json` beside it holds the figures.
 """
@@ -30,6 +33,7 @@ STAGES = [
     ("mdnrnn", "worldmodels.mdnrnn", "TrainMDNRNNConfig", "main"),
     ("dream", "worldmodels.dream_video", "DreamVideoConfig", "main"),
     ("controller", "worldmodels.train_controller", "TrainControllerConfig", "main"),
+    ("collect_agent", "worldmodels.iterate", "CollectAgentConfig", "main"),
     ("evaluate", "worldmodels.evaluate", "EvaluateConfig", "main"),
 ]
 BASELINES = {
@@ -48,6 +52,12 @@ class PipelineConfig(RunConfig):
     mdnrnn: dict[str, Any] = setting({}, "settings of wm train-mdnrnn")
     dream: dict[str, Any] = setting({}, "settings of wm dream-video")
     controller: dict[str, Any] = setting({}, "settings of wm train-controller")
+    collect_agent: dict[str, Any] = setting(
+        {}, "settings of wm collect-agent for the iterations; episodes: added per round"
+    )
+    iterations: int = setting(
+        0, "rounds of collect-agent -> encode -> train-mdnrnn -> train-controller", min=0
+    )
     evaluate: dict[str, Any] = setting({}, "settings of wm evaluate (the controller and baselines)")
     baselines: bool = setting(True, "also score uniform random actions and constant full gas")
 
@@ -77,7 +87,13 @@ def _last_per_step(steps: list[int], values: list[float]) -> tuple[list[int], li
     return keys, [d[k] for k in keys]
 
 
-def write_report(cfg: PipelineConfig, scores: dict[str, dict], wall_time: float) -> Path:
+def write_report(
+    cfg: PipelineConfig,
+    scores: dict[str, dict],
+    wall_time: float,
+    mdnrnn_dir: str = "mdnrnn",
+    controller_dir: str = "controller",
+) -> Path:
     run_dir = cfg.run_dir
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -101,14 +117,14 @@ def write_report(cfg: PipelineConfig, scores: dict[str, dict], wall_time: float)
     )
     chart(
         "mdnrnn_loss",
-        "mdnrnn",
+        mdnrnn_dir,
         {"train loss": "mdnrnn/train_loss", "held-out NLL/dim": "mdnrnn/heldout_nll"},
         "M: losses per epoch",
         "epoch",
     )
     chart(
         "cmaes",
-        "controller",
+        controller_dir,
         {
             "best": "controller/return_best",
             "mean": "controller/return_mean",
@@ -129,6 +145,7 @@ def write_report(cfg: PipelineConfig, scores: dict[str, dict], wall_time: float)
         "max_steps": ctrl.get("max_steps"),
         "wall_time_s": round(wall_time, 1),
         "controller_mode": cfg.stage_config("controller").mode,
+        "iterations": cfg.iterations,
     }
     atomic_write_text(out / "score.json", json.dumps(summary, indent=2) + "\n")
     lines = [
@@ -157,23 +174,44 @@ def main(cfg: PipelineConfig) -> int:
     t0 = time.perf_counter()
     run = start_run(cfg, "pipeline", torch_needed=False)
     log = run.log
-    for section, module, _, func in STAGES:
-        if section == "evaluate":
-            break
-        log.info(f"pipeline: stage {section}")
-        getattr(importlib.import_module(module), func)(cfg.stage_config(section))
+
+    def stage(section: str, **extra: Any) -> None:
+        log.info(f"pipeline: stage {section}" + (f" {extra}" if extra else ""))
+        _, module, _, func = next(s for s in STAGES if s[0] == section)
+        getattr(importlib.import_module(module), func)(cfg.stage_config(section, **extra))
+
+    for section in ("collect", "vae", "encode", "mdnrnn", "dream", "controller"):
+        stage(section)
+    m_dir, c_dir = "mdnrnn", "controller"
+    first = cfg.stage_config("collect").episodes
+    per_round = cfg.collect_agent.get("episodes", 100)
+    for k in range(1, cfg.iterations + 1):
+        paths = {
+            "mdnrnn": str(cfg.run_dir / m_dir / "checkpoints"),
+            "controller": str(cfg.run_dir / c_dir / "checkpoints"),
+        }
+        stage("collect_agent", episodes=first + k * per_round, **paths)
+        stage("encode")
+        m_dir, c_dir = f"mdnrnn_iter{k}", f"controller_iter{k}"
+        stage("mdnrnn", out_name=m_dir)
+        stage("controller", out_name=c_dir, mdnrnn=str(cfg.run_dir / m_dir / "checkpoints"))
     from worldmodels.evaluate import main as evaluate
 
     scores = {}
     policies = {"controller": {}} | (BASELINES if cfg.baselines else {})
     for name, extra in policies.items():
+        if name == "controller":
+            extra = {
+                "mdnrnn": str(cfg.run_dir / m_dir / "checkpoints"),
+                "controller": str(cfg.run_dir / c_dir / "checkpoints"),
+            }
         ecfg = cfg.stage_config("evaluate", name=name, **extra)
         score_file = ecfg.run_dir / "evaluate" / name / "score.json"
         if not score_file.exists():
             log.info(f"pipeline: evaluate {name}")
             evaluate(ecfg)
         scores[name] = json.loads(score_file.read_text())
-    out = write_report(cfg, scores, time.perf_counter() - t0)
+    out = write_report(cfg, scores, time.perf_counter() - t0, m_dir, c_dir)
     log.info(
         f"pipeline: report in {out / 'report.md'}; "
         + ", ".join(f"{k} {v['mean']:.1f} +- {v['std']:.1f}" for k, v in scores.items())

@@ -35,6 +35,7 @@ class TrainControllerConfig(RunConfig):
     """Settings of `wm train-controller`."""
 
     mode: Literal["dream", "real"] = setting("dream", "where candidates are scored")
+    out_name: str = setting("controller", "output folder under the run folder (one per iteration)")
     vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
     mdnrnn: str = setting("", "M checkpoint (default: <run_dir>/mdnrnn/checkpoints)")
     latents: str = setting("", "latent store for dream start states (default: <run_dir>/latents)")
@@ -162,7 +163,7 @@ class DreamFitness:
 
 
 def main(cfg: TrainControllerConfig) -> int:
-    run = start_run(cfg, "controller")
+    run = start_run(cfg, cfg.out_name)
     device = resolve_device(cfg.device)
     parts = load_agent_parts(
         cfg.path(cfg.vae, "vae/checkpoints"),
