@@ -7,11 +7,11 @@ from gen_core.config import (
     ConfigError,
     describe,
     dump_yaml,
-    to_dict,
     from_dict,
     load_config,
     parse_overrides,
     setting,
+    to_dict,
 )
 from gen_core.runs import RunConfig
 from worldmodels.cli import main as wm

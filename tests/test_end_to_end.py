@@ -8,8 +8,8 @@ from PIL import Image
 
 from gen_core.checkpoint import load_checkpoint
 from rollouts.store import EpisodeStore
-from worldmodels.latents import LatentStore
 from worldmodels.cli import main as wm
+from worldmodels.latents import LatentStore
 
 TINY = """
 run_name: e2e
