@@ -73,8 +73,9 @@ class Texts:
 
 
 def test_command_line_text_stays_as_typed():
-    cfg = load_config(Texts, None, ["prompt=ROMEO:", "name=yes", "params.action=[0, 1, 0]",
-                                    "count=3"])
+    cfg = load_config(
+        Texts, None, ["prompt=ROMEO:", "name=yes", "params.action=[0, 1, 0]", "count=3"]
+    )
     assert cfg.prompt == "ROMEO:" and cfg.name == "yes" and cfg.count == 3
     assert cfg.params == {"action": [0, 1, 0]}
     assert load_config(Texts, None, ["name=null", "prompt=007"]) == Texts(prompt="007")

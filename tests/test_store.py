@@ -57,6 +57,7 @@ def test_sequence_and_frame_access_cover_every_frame(tmp_path):
     assert all(len(b) == 7 for b in batches[:-1])
     got = np.concatenate(batches)
     assert len(got) == len(all_frames)
+
     # Same multiset of frames: compare the sorted raw bytes of each frame.
     def key(frames):
         return sorted(f.tobytes() for f in frames)
