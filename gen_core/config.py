@@ -331,6 +331,8 @@ def load_config(
     if path is not None:
         data = read_yaml(path)
         if section is not None:
+            if section not in data and any(isinstance(data.get(o), dict) for o in other_sections):
+                data = {**data, section: {}}  # a pipeline file without this stage's section
             data = _select_section(cls, data, section)
         data = {k: v for k, v in data.items() if k not in other_sections or k == section}
     data = merge(data, parse_overrides(overrides or []))
