@@ -49,16 +49,25 @@ def main() -> None:
         "fidelity",
         SECTIONS,
     )
-    controller = fcfg.run_dir / "controller" / "checkpoints"
+    # The last round of the iterative loop if the pipeline ran any (mdnrnn_iterK, controller_iterK).
+    rounds = sorted(
+        int(p.name.removeprefix("controller_iter"))
+        for p in fcfg.run_dir.glob("controller_iter*")
+        if (fcfg.run_dir / f"mdnrnn_iter{p.name.removeprefix('controller_iter')}").exists()
+    )
+    suffix = f"_iter{rounds[-1]}" if rounds else ""
+    controller = fcfg.run_dir / f"controller{suffix}" / "checkpoints"
+    mdnrnn = fcfg.run_dir / f"mdnrnn{suffix}" / "checkpoints"
     if not controller.exists():
-        raise SystemExit(f"{controller} not found: run the pipeline first ({__doc__.split('(')[1]}")
+        raise SystemExit(f"{controller} not found: run the pipeline first")
     fcfg.controllers = [str(controller)]
+    fcfg.mdnrnn = fcfg.mdnrnn or str(mdnrnn)
     fidelity(fcfg)
     fid = json.loads((fcfg.run_dir / "fidelity" / "benchmark" / "fidelity.json").read_text())
 
     scores = {}
     for name, extra in [
-        ("controller", []),
+        ("controller", [f"controller={controller}", f"mdnrnn={fcfg.mdnrnn}"]),
         ("full_gas", ["policy=constant", "policy_params={action: [0, 1, 0]}"]),
         ("random", ["policy=uniform"]),
     ]:
@@ -105,6 +114,7 @@ def main() -> None:
             scores["controller"]["mean"] - scores["full_gas"]["mean"], 2
         ),
         "run": str(fcfg.run_dir),
+        "controller": str(controller),
         "wall_s": round(time.perf_counter() - t0, 1),
         "units": "returns (sum of env rewards); fidelity over `horizon` steps, scores over 1000",
     }

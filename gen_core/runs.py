@@ -88,13 +88,13 @@ def set_threads(threads: int) -> None:
 class Run:
     """A run folder with its config, log file and TensorBoard writer."""
 
-    def __init__(self, cfg: RunConfig, stage: str):
+    def __init__(self, cfg: RunConfig, stage: str, folder: str | None = None):
         self.cfg = cfg
-        self.stage = stage
-        self.dir = cfg.run_dir / stage
+        self.stage = stage  # TensorBoard tags are <stage>/<name> whatever the folder
+        self.dir = cfg.run_dir / (folder or stage)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / "config.yaml", dump_yaml(cfg))
-        self.log = _make_logger(f"wm.{cfg.run_name}.{stage}", self.dir / "log.txt")
+        self.log = _make_logger(f"wm.{cfg.run_name}.{self.dir.name}", self.dir / "log.txt")
         self._tb = None
 
     @property
@@ -120,12 +120,15 @@ class Run:
             self.log.removeHandler(h)
 
 
-def start_run(cfg: RunConfig, stage: str, *, torch_needed: bool = True) -> Run:
-    """Make the run folder, write the resolved config, seed and configure threads."""
+def start_run(
+    cfg: RunConfig, stage: str, *, torch_needed: bool = True, folder: str | None = None
+) -> Run:
+    """Make the run folder (`folder`, default the stage's name), write the resolved config, seed
+    and configure threads."""
     seed_everything(cfg.seed)
     if torch_needed:
         set_threads(cfg.threads)
-    return Run(cfg, stage)
+    return Run(cfg, stage, folder)
 
 
 def _make_logger(name: str, path: Path) -> logging.Logger:

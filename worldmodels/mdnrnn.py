@@ -227,7 +227,7 @@ def evaluate(model: MDNRNN, chunks: dict[str, torch.Tensor], device, batch: int 
 
 
 def main(cfg: TrainMDNRNNConfig) -> int:
-    run = start_run(cfg, cfg.out_name)
+    run = start_run(cfg, "mdnrnn", folder=cfg.out_name)
     device = resolve_device(cfg.device)
     store = LatentStore(cfg.latents_path())
     episodes = load_episodes(store, cfg)

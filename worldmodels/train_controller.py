@@ -163,7 +163,7 @@ class DreamFitness:
 
 
 def main(cfg: TrainControllerConfig) -> int:
-    run = start_run(cfg, cfg.out_name)
+    run = start_run(cfg, "controller", folder=cfg.out_name)
     device = resolve_device(cfg.device)
     parts = load_agent_parts(
         cfg.path(cfg.vae, "vae/checkpoints"),
