@@ -30,6 +30,7 @@ from worldmodels.evaluate import EvaluateConfig
 from worldmodels.evaluate import main as evaluate
 from worldmodels.fidelity import FidelityConfig
 from worldmodels.fidelity import main as fidelity
+from worldmodels.iterate import last_round
 
 
 def main() -> None:
@@ -49,13 +50,7 @@ def main() -> None:
         "fidelity",
         SECTIONS,
     )
-    # The last round of the iterative loop if the pipeline ran any (mdnrnn_iterK, controller_iterK).
-    rounds = sorted(
-        int(p.name.removeprefix("controller_iter"))
-        for p in fcfg.run_dir.glob("controller_iter*")
-        if (fcfg.run_dir / f"mdnrnn_iter{p.name.removeprefix('controller_iter')}").exists()
-    )
-    suffix = f"_iter{rounds[-1]}" if rounds else ""
+    suffix = last_round(fcfg.run_dir)  # the last round of the iterative loop, if any
     controller = fcfg.run_dir / f"controller{suffix}" / "checkpoints"
     mdnrnn = fcfg.run_dir / f"mdnrnn{suffix}" / "checkpoints"
     if not controller.exists():

@@ -22,6 +22,7 @@ from rollouts.collect import make_env
 from rollouts.parallel import ActorPool
 from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
 from worldmodels.evolve import load_controller_params
+from worldmodels.iterate import last_round
 from worldmodels.train_controller import RealEnvWorker
 
 EVAL_SEED_BASE = 1_000_000  # evaluation tracks never overlap the training seeds
@@ -38,13 +39,13 @@ class EvaluateConfig(RunConfig):
         {}, "baseline policy arguments, e.g. {action: [0, 1, 0]}"
     )
     controller: str = setting(
-        "", "controller checkpoint (default: <run_dir>/controller/checkpoints)"
+        "", "controller checkpoint (default: the run's last round, controller[_iterK])"
     )
     params: Literal["auto", "scored", "mean", "best"] = setting(
         "auto", "which parameters: scored (best evaluated mean), mean, best candidate; auto"
     )
     vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
-    mdnrnn: str = setting("", "M checkpoint (default: <run_dir>/mdnrnn/checkpoints)")
+    mdnrnn: str = setting("", "M checkpoint (default: the run's last round, mdnrnn[_iterK])")
     store: str = setting("", "episode store V was trained on (default: <run_dir>/store)")
     episodes: int = setting(100, "real-env episodes (tracks)", min=1)
     env_id: str = setting("CarRacingFast-v3", "gymnasium env id")
@@ -86,12 +87,13 @@ def main(cfg: EvaluateConfig) -> int:
     name = cfg.name or cfg.policy
     parts, params = None, None
     if cfg.policy == "controller":
+        last = last_round(cfg.run_dir)
         params, ctrl_cfg = load_controller_params(
-            cfg.path(cfg.controller, "controller/checkpoints"), cfg.params
+            cfg.path(cfg.controller, f"controller{last}/checkpoints"), cfg.params
         )
         parts = load_agent_parts(
             cfg.path(cfg.vae, "vae/checkpoints"),
-            cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"),
+            cfg.path(cfg.mdnrnn, f"mdnrnn{last}/checkpoints"),
             cfg.path(cfg.store, "store"),
             observe_hidden=ctrl_cfg.get("observe_hidden", True),
         )

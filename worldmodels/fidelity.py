@@ -569,7 +569,7 @@ class FidelityConfig(RunConfig):
     """Settings of `wm fidelity`."""
 
     vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
-    mdnrnn: str = setting("", "M checkpoint (default: <run_dir>/mdnrnn/checkpoints)")
+    mdnrnn: str = setting("", "M checkpoint (default: the run's last round, mdnrnn[_iterK])")
     store: str = setting("", "episode store V was trained on (default: <run_dir>/store)")
     latents: str = setting("", "latent store for M's diagnostics (default: <run_dir>/latents)")
     policies: list[str] = setting(
@@ -611,35 +611,34 @@ def _cache_key(cfg: FidelityConfig, p: PolicySpec, seeds: Sequence[int]) -> str:
 
 
 def main(cfg: FidelityConfig) -> int:
+    from gen_core.vae import images_to_float
     from rollouts.collect import make_env, preprocess
     from worldmodels.agent import WorldModelAgent, load_agent_parts
+    from worldmodels.controller import ControllerSpec
     from worldmodels.evolve import load_controller_params
+    from worldmodels.iterate import last_round
     from worldmodels.latents import LatentStore
-    from worldmodels.mdnrnn import reward_targets
+    from worldmodels.mdnrnn import load_mdnrnn, reward_targets
+    from worldmodels.vae import split_episodes
 
     run = start_run(cfg, "fidelity")
+    m_path = cfg.path(cfg.mdnrnn, f"mdnrnn{last_round(cfg.run_dir)}/checkpoints")
     torch.set_num_threads(max(1, cfg.threads or cores()))
     vae, mdnrnn, spec, frames = load_agent_parts(
         cfg.path(cfg.vae, "vae/checkpoints"),
-        cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"),
+        m_path,
         cfg.path(cfg.store, "store"),
     )
-    from worldmodels.mdnrnn import load_mdnrnn
-
-    _, m_cfg = load_mdnrnn(cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"))
+    _, m_cfg = load_mdnrnn(m_path)
     policies = [fixed_policy(n) for n in cfg.policies]
     for i, path in enumerate(cfg.controllers):
         params, c_cfg = load_controller_params(Path(path), "auto")
-        from worldmodels.controller import ControllerSpec
-
         c_spec = ControllerSpec(
             spec.z_dim, spec.hidden if c_cfg.get("observe_hidden", True) else 0, spec.action_dim
         )
         policies.append(PolicySpec(f"controller_{i + 1}", "controller", None, params, c_spec))
 
     def encode(obs_list: list[np.ndarray]) -> torch.Tensor:
-        from gen_core.vae import images_to_float
-
         x = np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs_list])
         with torch.no_grad():
             return vae.encode(images_to_float(torch.from_numpy(x)))[0]  # (W + 1, z_dim)
@@ -692,8 +691,6 @@ def main(cfg: FidelityConfig) -> int:
 
     # M's open-loop diagnostics on the episodes M held out (V's split rule).
     latents = LatentStore(cfg.path(cfg.latents, "latents"))
-    from worldmodels.vae import split_episodes
-
     indices = latents.indices()
     _, held = split_episodes(
         list(indices), m_cfg.get("heldout_fraction", 0.05), m_cfg.get("seed", 0)

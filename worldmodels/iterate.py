@@ -13,6 +13,7 @@ total); `wm encode` then encodes only the new ones, and `wm train-mdnrnn` trains
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +22,20 @@ from rollouts.collect import CollectConfig, collect
 from rollouts.policies import ExplorePolicy
 from worldmodels.agent import WorldModelAgent, load_agent_parts
 from worldmodels.evolve import load_controller_params
+
+
+def last_round(run_dir: Path) -> str:
+    """Suffix of the run's last finished round of the loop: "" (none) or "_iterK".
+
+    A round is finished when its controller has a checkpoint; its M is `mdnrnn_iterK`. Commands
+    that use "the run's controller" (evaluate, fidelity, collect-agent) default to that round.
+    """
+    rounds = [
+        int(p.parent.name.removeprefix("controller_iter"))
+        for p in run_dir.glob("controller_iter*/checkpoints")
+        if p.parent.name.removeprefix("controller_iter").isdigit()
+    ]
+    return f"_iter{max(rounds)}" if rounds else ""
 
 
 class ExploringAgent:
@@ -60,11 +75,11 @@ class CollectAgentConfig(CollectConfig):
 
     policy: str = setting("agent", "label stored with each episode")
     controller: str = setting(
-        "", "controller checkpoint (default: <run_dir>/controller/checkpoints)"
+        "", "controller checkpoint (default: the run's last round, controller[_iterK])"
     )
     params: str = setting("auto", "which parameters: scored, mean, best or auto")
     vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
-    mdnrnn: str = setting("", "M checkpoint (default: <run_dir>/mdnrnn/checkpoints)")
+    mdnrnn: str = setting("", "M checkpoint (default: the run's last round, mdnrnn[_iterK])")
     action_noise: float = setting(0.1, "std of Gaussian noise added to the agent's actions", min=0)
     explore: float = setting(
         0.3, "share of segments (~30 steps) driven by the explore policy", min=0, max=1
@@ -92,12 +107,13 @@ class _AgentFactory:
 
 
 def main(cfg: CollectAgentConfig) -> int:
+    last = last_round(cfg.run_dir)
     params, ctrl_cfg = load_controller_params(
-        cfg.path(cfg.controller, "controller/checkpoints"), cfg.params
+        cfg.path(cfg.controller, f"controller{last}/checkpoints"), cfg.params
     )
     parts = load_agent_parts(
         cfg.path(cfg.vae, "vae/checkpoints"),
-        cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"),
+        cfg.path(cfg.mdnrnn, f"mdnrnn{last}/checkpoints"),
         cfg.store_path(),
         observe_hidden=ctrl_cfg.get("observe_hidden", True),
     )
