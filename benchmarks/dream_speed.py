@@ -9,6 +9,8 @@ Every rate is environment steps per second (one step = one rollout advanced one 
 - one_at_a_time_steps_per_s: the same fitness on the same candidates, one candidate (its trials)
   per call, same threads (timed over the first `--one-at-a-time` candidates: the rate does not
   depend on which).
+- one_rollout_at_a_time_steps_per_s: the same fitness, one rollout (one trial of one candidate)
+  per call, as public World Models code evaluates candidates (timed over 2 candidates).
 - real_steps_per_s: CarRacingFast-v3 alone (env.step with random actions; no V, M or C), one
   process. The toolkit's fast env, pixel-identical to stock.
 - stock_real_steps_per_s: stock gymnasium CarRacing-v3 alone, the same way.
@@ -22,7 +24,7 @@ M is at World Models' size (z 32, hidden 256, 5 mixtures), V is gen_core.vae's d
 frames, z 32), C is linear on [z, h]. Speed does not depend on weights, so all are untrained, and
 no dream rollout ends early (done threshold above 1).
 
-The five measurements run in turn, `--rounds` times (order rotated each round), so load from other
+The six measurements run in turn, `--rounds` times (order rotated each round), so load from other
 processes hits all alike; rates are medians over rounds and ratios medians of per-round ratios.
 Env resets are not timed. `load_avg_1m` (start and end) shows whether the machine was shared.
 OMP_WAIT_POLICY is PASSIVE unless set otherwise, as in the toolkit (recorded as `omp_wait_policy`).
@@ -106,6 +108,15 @@ def main() -> None:
             fitness(params[i : i + 1], 1)
         return singles * args.trials * args.steps / (time.perf_counter() - t0)
 
+    def one_rollout_at_a_time() -> float:
+        # As public World Models code evaluates a candidate: its trials one after another.
+        n = 2
+        t0 = time.perf_counter()
+        for i in range(n):
+            for _ in range(args.trials):
+                fitness(params[i : i + 1], 1, trials=1)
+        return n * args.trials * args.steps / (time.perf_counter() - t0)
+
     fast_env = make_env("CarRacingFast-v3", args.real_steps + 1)
     stock_env = make_env("CarRacing-v3", args.real_steps + 1)
     rng = np.random.default_rng(0)
@@ -133,6 +144,7 @@ def main() -> None:
     tasks = {
         "dream": batched,
         "one_at_a_time": one_at_a_time,
+        "one_rollout_at_a_time": one_rollout_at_a_time,
         "real": lambda r: env_rate(fast_env, args.real_steps, r, random_action),
         "stock_real": lambda r: env_rate(stock_env, args.real_steps, r, random_action),
         "real_fitness": real_fitness,
@@ -166,6 +178,8 @@ def main() -> None:
                 "ratio_vs_stock_real": round(ratio("dream", "stock_real"), 1),
                 "ratio_vs_real_fitness": round(ratio("dream", "real_fitness"), 1),
                 "ratio_vs_one_at_a_time": round(ratio("dream", "one_at_a_time"), 2),
+                "one_rollout_at_a_time_steps_per_s": round(med["one_rollout_at_a_time"], 1),
+                "ratio_vs_one_rollout_at_a_time": round(ratio("dream", "one_rollout_at_a_time"), 1),
                 "population": args.population,
                 "trials": args.trials,
                 "steps": args.steps,
