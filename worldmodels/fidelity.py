@@ -604,6 +604,14 @@ class FidelityConfig(RunConfig):
             raise UserError("horizons: expected positive step counts")
 
 
+def _stage_dir(path: str | Path) -> Path:
+    """The stage folder of a checkpoint path (its step folder or checkpoints folder or itself)."""
+    p = Path(path).resolve()
+    while p.name == "checkpoints" or p.name.startswith("step_"):
+        p = p.parent
+    return p
+
+
 def _cache_key(cfg: FidelityConfig, p: PolicySpec, seeds: Sequence[int]) -> str:
     return json.dumps(
         [cfg.env_id, p.kind, p.action, list(seeds), cfg.warmup, cfg.warmup_action, cfg.horizon]
@@ -637,6 +645,15 @@ def main(cfg: FidelityConfig) -> int:
             spec.z_dim, spec.hidden if c_cfg.get("observe_hidden", True) else 0, spec.action_dim
         )
         policies.append(PolicySpec(f"controller_{i + 1}", "controller", None, params, c_spec))
+        trained_with = c_cfg.get("mdnrnn") or str(
+            Path(c_cfg["runs_dir"], c_cfg["run_name"], "mdnrnn")
+        )
+        if _stage_dir(trained_with) != _stage_dir(m_path):
+            # C reads M's hidden state: with another M its inputs mean something else.
+            run.log.warning(
+                f"fidelity: {path} was evolved with M {trained_with}, not {m_path}; its real and "
+                "dream returns here are those of C on this M's hidden state"
+            )
 
     def encode(obs_list: list[np.ndarray]) -> torch.Tensor:
         x = np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs_list])
