@@ -42,6 +42,10 @@ class VAEConfig:
     z_dim: int = 32  # size of the latent vector z
     widths: tuple[int, ...] = (32, 64, 128, 256)  # encoder conv channels; decoder mirrors them
     kl_tolerance: float = 0.5  # KL floor per latent dim in nats (World Models: 0.5; 0: plain VAE)
+    bottom_rows: int = (
+        0  # rows at the image's bottom whose squared error counts bottom_weight times
+    )
+    bottom_weight: float = 1.0  # (e.g. CarRacing's status bar, where the speed is drawn)
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -181,13 +185,18 @@ class VAE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """World Models' loss of a batch: (total, reconstruction, floored KL), each a scalar.
 
-        reconstruction = sum over pixels of (x - recon)^2, averaged over the batch
+        reconstruction = sum over pixels of (x - recon)^2, averaged over the batch (the bottom
+                         `bottom_rows` rows weighted by `bottom_weight`)
         KL             = max(KL(N(mu, sigma^2) || N(0, I)), kl_tolerance * z_dim) per image,
                          averaged over the batch
         """
         # In float32 even under bf16 autocast: a sum of 12,288 squared errors needs the precision.
         x, recon, mu, logvar = x.float(), recon.float(), mu.float(), logvar.float()
-        recon_loss = (x - recon).pow(2).flatten(1).sum(1).mean()
+        err = (x - recon).pow(2)  # (B, C, H, W)
+        if self.config.bottom_rows and self.config.bottom_weight != 1.0:
+            err = err.clone()
+            err[..., -self.config.bottom_rows :, :] *= self.config.bottom_weight
+        recon_loss = err.flatten(1).sum(1).mean()
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)  # (B,) nats per image
         kl_loss = kl.clamp(min=self.config.kl_tolerance * self.config.z_dim).mean()
         return recon_loss + kl_loss, recon_loss, kl_loss

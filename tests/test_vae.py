@@ -127,6 +127,16 @@ def test_loss_matches_hand_computed_value():
     assert plain.loss(x, recon, mu, logvar)[2].item() == pytest.approx((kl1 + 0.5) / 2, rel=1e-6)
 
 
+def test_bottom_rows_weigh_their_error():
+    cfg = VAEConfig(image_size=16, z_dim=4, widths=(8, 16), bottom_rows=2, bottom_weight=10.0)
+    x = torch.zeros(1, 3, 16, 16)
+    recon = torch.zeros(1, 3, 16, 16)
+    recon[..., -2:, :] = 0.5  # error only in the weighted rows: 96 values x 0.25 x 10
+    recon[..., 0, 0] = 1.0  # and one unweighted pixel per channel: 3 x 1
+    _, rec, _ = VAE(cfg).loss(x, recon, torch.zeros(1, 4), torch.zeros(1, 4))
+    assert rec.item() == pytest.approx(96 * 0.25 * 10 + 3)
+
+
 def test_bf16_autocast_loss_is_close_to_fp32():
     torch.manual_seed(0)
     model = VAE(VAEConfig(image_size=32, z_dim=8, widths=(16, 32, 64)))

@@ -86,6 +86,15 @@ class TrainVAEConfig(RunConfig):
     kl_tolerance: float = setting(
         0.5, "KL floor in nats per latent dimension (World Models: 0.5; 0: plain VAE)", min=0.0
     )
+    bottom_rows: int = setting(
+        0, "rows at the frame's bottom whose error counts bottom_weight times (0: none)", min=0
+    )
+    bottom_weight: float = setting(
+        1.0,
+        "weight of those rows: CarRacing's status bar (8 rows at 64x64) shows the speed in a "
+        "2-pixel bar that a plain loss all but ignores",
+        min=0.0,
+    )
     heldout_fraction: float = setting(
         0.05,
         "share of episodes held out for evaluation (at least one)",
@@ -300,6 +309,8 @@ def vae_config(cfg: TrainVAEConfig, frame_shape: list[int]) -> VAEConfig:
             z_dim=cfg.z_dim,
             widths=tuple(cfg.widths),
             kl_tolerance=cfg.kl_tolerance,
+            bottom_rows=cfg.bottom_rows,
+            bottom_weight=cfg.bottom_weight,
         )
     except ValueError as err:
         raise UserError(f"widths: {err}") from None
