@@ -48,6 +48,26 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _label_and_save(
+    img: Image.Image,
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    left: int,
+    ylabel_y: int,
+) -> Path:
+    """Draw the title and axis labels, then write the PNG atomically."""
+    d, font, (W, H) = ImageDraw.Draw(img), ImageFont.load_default(), img.size
+    d.text((left, 10), title, fill="black", font=font)
+    d.text(((W - len(xlabel) * 6) // 2, H - 20), xlabel, fill="black", font=font)
+    d.text((4, ylabel_y), ylabel, fill="black", font=font)
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return path
+
+
 def line_chart(
     path: str | Path,
     series: dict[str, tuple[Sequence[float], Sequence[float]]],
@@ -99,13 +119,7 @@ def line_chart(
                 d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
             d.rectangle([left + 10, top + 8 + 14 * i, left + 22, top + 16 + 14 * i], fill=colour)
             d.text((left + 26, top + 6 + 14 * i), name, fill="black", font=font)
-    d.text((left, 10), title, fill="black", font=font)
-    d.text(((W - len(xlabel) * 6) // 2, H - 20), xlabel, fill="black", font=font)
-    d.text((4, 18), ylabel, fill="black", font=font)
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
-    return path
+    return _label_and_save(img, path, title, xlabel, ylabel, left, ylabel_y=18)
 
 
 def read_scalars(tb_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -166,10 +180,4 @@ def scatter_chart(
         colour = COLOURS[i % len(COLOURS)]
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
         d.text((cx + 6, cy - 6), name, fill=colour, font=font)
-    d.text((left, 10), title, fill="black", font=font)
-    d.text(((W - len(xlabel) * 6) // 2, H - 20), xlabel, fill="black", font=font)
-    d.text((4, 24), ylabel, fill="black", font=font)
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
-    return path
+    return _label_and_save(img, path, title, xlabel, ylabel, left, ylabel_y=24)
