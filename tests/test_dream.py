@@ -53,6 +53,37 @@ def test_start_states_carry_real_warmup_context():
     assert torch.equal(cold.h, torch.zeros(2, H))
 
 
+def test_start_states_with_whole_episode_context_match_running_m_from_the_start():
+    m = model()
+    rng = np.random.default_rng(0)
+    eps = [
+        {
+            "mu": rng.normal(size=(T + 1, Z)).astype(np.float32),
+            "actions": rng.uniform(0, 1, (T, 3)).astype(np.float32),
+        }
+        for T in (29, 12, 40)
+    ]
+    s = StartStates.from_episodes(m, eps, 9, warmup=3, max_start=None, seed=2, context="episode")
+    w = StartStates.from_episodes(m, eps, 9, warmup=3, max_start=None, seed=2)
+    assert torch.equal(s.z, w.z)  # the same start points; only the memory differs
+    for i in range(9):
+        # Which (episode, step) start i is: its z, found in the episodes.
+        (e, t), *_ = [
+            (e, t)
+            for e, ep in enumerate(eps)
+            for t in range(len(ep["mu"]))
+            if np.array_equal(ep["mu"][t], s.z[i].numpy())
+        ]
+        ref = m(
+            torch.as_tensor(eps[e]["mu"][None, :t]), torch.as_tensor(eps[e]["actions"][None, :t])
+        )
+        torch.testing.assert_close(s.h[i], ref.state[0][0, 0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(s.c[i], ref.state[1][0, 0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(s.h, w.h)
+    with pytest.raises(ValueError, match="context"):
+        StartStates.from_episodes(m, eps, 2, context="all")
+
+
 def test_single_dream_passes_gymnasium_env_checker():
     env = DreamEnv(**kwargs(model(), max_steps=20))
     check_env(env, skip_render_check=True)

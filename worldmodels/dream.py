@@ -11,7 +11,8 @@ decodes z to frames with V when a decoder is given. It is registered as `worldmo
 advanced together as one batch of tensors, no numpy round trips.
 
 Start states come from real encoded frames: `StartStates.from_episodes` picks points of real
-episodes and runs M over a warm-up of real steps before each, so h starts from real context
+episodes and runs M over the real steps before each (a warm-up, or the whole episode so far), so
+h starts from real context
 (Ha & Schmidhuber's dream starts from real frames too; see ../shared/notes/dream-transfer.md).
 """
 
@@ -59,33 +60,83 @@ class StartStates:
         warmup: int = 0,
         max_start: int | None = 0,
         seed: int = 0,
+        context: str = "warmup",
     ) -> StartStates:
         """Pick `n` start points of real encoded episodes (dicts with `mu`, `actions`).
 
         Args:
-            warmup: real steps M runs over before each start point to fill (h, c).
+            warmup: real steps before the earliest start point; with context "warmup", the
+                steps M runs over (from zero state) to fill (h, c).
             max_start: latest step a start point may be at, beyond the warm-up (0: every start
                 is right after the warm-up, like the real env's episode start; None: anywhere).
+            context: "warmup", M's memory comes from the `warmup` steps before the start;
+                "episode", from every real step since the episode began, as an agent's memory
+                in the real env (and M trained with `carry_state`) has it.
         """
+        if context not in ("warmup", "episode"):
+            raise ValueError(f"context: expected 'warmup' or 'episode', got {context!r}")
         rng = np.random.default_rng(seed)
-        zs, hs, cs = [], [], []
         usable = [ep for ep in episodes if len(ep["actions"]) > warmup]
         if not usable:
             raise ValueError(f"no episode is longer than the warm-up of {warmup} steps")
+        picks = []  # (episode, start step)
         for _ in range(n):
-            ep = usable[rng.integers(len(usable))]
-            T = len(ep["actions"])
+            e = int(rng.integers(len(usable)))
+            T = len(usable[e]["actions"])
             hi = T - 1 if max_start is None else min(T - 1, warmup + max_start)
-            t = int(rng.integers(warmup, hi + 1))
-            mu = torch.as_tensor(ep["mu"], dtype=torch.float32)
+            picks.append((e, int(rng.integers(warmup, hi + 1))))
+        zs = torch.stack(
+            [torch.as_tensor(usable[e]["mu"][t], dtype=torch.float32) for e, t in picks]
+        )
+        if context == "episode":
+            h, c = _states_along_episodes(model, usable, picks)
+            return cls(zs, h, c)
+        hs, cs = [], []
+        for e, t in picks:
+            ep = usable[e]
             state = model.initial_state(1)
             if warmup:
+                mu = torch.as_tensor(ep["mu"][t - warmup : t], dtype=torch.float32)
                 a = torch.as_tensor(ep["actions"][t - warmup : t], dtype=torch.float32)
-                state = model(mu[None, t - warmup : t], a[None]).state
-            zs.append(mu[t])
+                state = model(mu[None], a[None]).state
             hs.append(state[0][0, 0])
             cs.append(state[1][0, 0])
-        return cls(torch.stack(zs), torch.stack(hs), torch.stack(cs))
+        return cls(zs, torch.stack(hs), torch.stack(cs))
+
+
+@torch.no_grad()
+def _states_along_episodes(
+    model: MDNRNN, episodes: Sequence[dict[str, np.ndarray]], picks: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M's (h, c) after the real steps 0..t-1 of each picked (episode, t): (N, hidden) each.
+
+    The picked episodes run side by side through M's fused step, each state kept when its
+    step comes up.
+    """
+    used = sorted({e for e, _ in picks})
+    row = {e: i for i, e in enumerate(used)}
+    length = max(t for _, t in picks)
+    m = model.stepper()
+    hidden = model.config.hidden
+    mu = torch.zeros(len(used), length + 1, model.config.z_dim)
+    act = torch.zeros(len(used), length + 1, model.config.action_dim)
+    for e in used:
+        t = min(length, len(episodes[e]["actions"]))
+        mu[row[e], :t] = torch.as_tensor(episodes[e]["mu"][:t], dtype=torch.float32)
+        act[row[e], :t] = torch.as_tensor(episodes[e]["actions"][:t], dtype=torch.float32)
+    wanted: dict[int, list[int]] = {}  # step -> the picks that start there
+    for i, (_, t) in enumerate(picks):
+        wanted.setdefault(t, []).append(i)
+    h_out = torch.zeros(len(picks), hidden)
+    c_out = torch.zeros(len(picks), hidden)
+    h = torch.zeros(len(used), hidden)
+    c = torch.zeros(len(used), hidden)
+    for t in range(length + 1):
+        for i in wanted.get(t, []):
+            h_out[i], c_out[i] = h[row[picks[i][0]]], c[row[picks[i][0]]]
+        if t < length:
+            h, c = m.lstm(mu[:, t], act[:, t], h, c)
+    return h_out, c_out
 
 
 @dataclass

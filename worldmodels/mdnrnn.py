@@ -2,13 +2,15 @@
 
 Every epoch draws each step's z afresh from the VAE posterior N(mu, exp(logvar)) as World Models
 did, cuts episodes into chunks of `seq_len` steps (truncated backprop through time, with a random
-offset per epoch so chunk borders move), and trains on shuffled batches of chunks. Held-out
-episodes give the NLL per latent dimension, the reward MSE and the done accuracy each epoch.
+offset per epoch so chunk borders move), and trains on shuffled batches of chunks, each from zero
+LSTM state. With `carry_state` (stateful truncated BPTT) a batch instead walks whole episodes
+chunk by chunk, each chunk starting from the last one's state, so M learns the memory it runs
+with for a whole episode. Held-out episodes give the NLL per latent dimension, the reward MSE and
+the done accuracy each epoch.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +64,13 @@ class TrainMDNRNNConfig(RunConfig):
         "-100 exit (an episode end the done head predicts) out of the reward head ([]: no clip)",
     )
     seq_len: int = setting(100, "steps per training chunk (truncated BPTT length)", min=2)
+    carry_state: bool = setting(
+        False,
+        "stateful truncated BPTT: each batch walks whole episodes chunk by chunk, every chunk "
+        "starting from the last one's LSTM state (gradients cut), so M learns the memory it "
+        "runs with over a whole episode; without it every chunk starts from zero state and M's "
+        "memory drifts once a dream or a real episode runs past seq_len steps",
+    )
     batch_size: int = setting(32, "chunks per batch", min=1)
     epochs: int = setting(20, "passes over the training episodes", min=1)
     lr: float = setting(1e-3, "Adam learning rate", min=0.0, min_inclusive=False)
@@ -197,6 +206,54 @@ def make_chunks(
     return {k: torch.from_numpy(np.stack(v)) for k, v in rows.items()}
 
 
+def make_lanes(
+    episodes: list[Episode],
+    batch_size: int,
+    rng: np.random.Generator,
+    sample_z: bool,
+    z_noise: float = 1.0,
+) -> list[dict[str, torch.Tensor]]:
+    """Whole episodes in shuffled groups of `batch_size`, padded to the group's longest.
+
+    Each group is a dict like `make_chunks`'s, (B, T, ...) with T the group's episode length, to
+    be walked chunk by chunk with the LSTM state carried over (`carry_state`).
+    """
+    order = rng.permutation(len(episodes))
+    groups = []
+    for g in range(0, len(order), batch_size):
+        eps = [episodes[i] for i in order[g : g + batch_size]]
+        groups.append(
+            make_chunks(eps, max(len(e.actions) for e in eps), rng, sample_z, False, z_noise)
+        )
+    return groups
+
+
+def chunk_bounds(length: int, seq_len: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """[(start, end)] cutting `length` steps into chunks of `seq_len`, the first one shortened
+    by a random amount so the borders move between epochs."""
+    first = int(rng.integers(1, seq_len + 1))
+    cuts = sorted({0, length, *range(first, length, seq_len)})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def training_batches(
+    episodes: list[Episode], cfg: TrainMDNRNNConfig, rng: np.random.Generator
+) -> list[tuple[dict[str, torch.Tensor], bool]]:
+    """One epoch's batches as (batch, new_lane): new_lane False means the batch continues the
+    previous one's episodes and starts from its LSTM state (`carry_state`); else zero state."""
+    if not cfg.carry_state:
+        chunks = make_chunks(episodes, cfg.seq_len, rng, cfg.sample_z, True, cfg.z_noise)
+        order = torch.from_numpy(rng.permutation(len(chunks["z"])))
+        return [
+            ({k: v[idx] for k, v in chunks.items()}, True) for idx in order.split(cfg.batch_size)
+        ]
+    out = []
+    for lane in make_lanes(episodes, cfg.batch_size, rng, cfg.sample_z, cfg.z_noise):
+        for i, (s, e) in enumerate(chunk_bounds(lane["z"].shape[1], cfg.seq_len, rng)):
+            out.append(({k: v[:, s:e] for k, v in lane.items()}, i == 0))
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: MDNRNN, chunks: dict[str, torch.Tensor], device, batch: int = 64) -> dict:
     """Held-out NLL per latent dimension, reward MSE and done accuracy (masked means)."""
@@ -250,8 +307,15 @@ def main(cfg: TrainMDNRNNConfig) -> int:
         start_epoch = ck.step
         run.log.info(f"mdnrnn: resumed from {ck.path} (epoch {start_epoch})")
     data_rng = np.random.default_rng([cfg.seed, start_epoch])
+    # With carried state M is scored over whole held-out episodes, as a dream or agent runs it.
+    held_len = max((len(e.actions) for e in held_eps), default=1) if cfg.carry_state else 0
     held = make_chunks(
-        held_eps, cfg.seq_len, np.random.default_rng(cfg.seed), cfg.sample_z, False, cfg.z_noise
+        held_eps,
+        held_len or cfg.seq_len,
+        np.random.default_rng(cfg.seed),
+        cfg.sample_z,
+        False,
+        cfg.z_noise,
     )
     run.log.info(
         f"mdnrnn: {len(train_eps)} train / {len(held_eps)} held-out episodes, z_dim {z_dim}, "
@@ -259,20 +323,19 @@ def main(cfg: TrainMDNRNNConfig) -> int:
     )
 
     for epoch in range(start_epoch, cfg.epochs):
-        chunks = make_chunks(train_eps, cfg.seq_len, data_rng, cfg.sample_z, True, cfg.z_noise)
-        order = torch.from_numpy(data_rng.permutation(len(chunks["z"])))
-        n_batches = math.ceil(len(order) / cfg.batch_size)
+        batches = training_batches(train_eps, cfg, data_rng)
+        n_batches = len(batches)
         bar = progress(
-            range(n_batches),
+            batches,
             desc=f"mdnrnn {epoch + 1}/{cfg.epochs}",
             disable=not cfg.progress,
             leave=False,
         )
-        t0, steps, total = time.perf_counter(), 0.0, 0.0
-        for b in bar:
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            batch = {k: v[idx].to(device) for k, v in chunks.items()}
-            out = model(batch["z"], batch["actions"])
+        t0, steps, total, state = time.perf_counter(), 0.0, 0.0, None
+        for batch, new_lane in bar:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(batch["z"], batch["actions"], None if new_lane else state)
+            state = tuple(x.detach() for x in out.state)  # gradients stop at chunk borders
             terms = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()

@@ -53,6 +53,12 @@ class TrainControllerConfig(RunConfig):
     dream_steps: int = setting(300, "steps per dream rollout", min=1)
     start_states: int = setting(512, "dream start states drawn from real encoded episodes", min=1)
     warmup: int = setting(10, "real steps M runs over before each dream start", min=0)
+    start_context: Literal["warmup", "episode"] = setting(
+        "warmup",
+        "what fills M's memory at a dream start: the `warmup` real steps before it (from zero "
+        "state), or every real step since its episode began, as in a real episode (for M "
+        "trained with carry_state, which never saw a zero state mid-episode)",
+    )
     max_start: int = setting(0, "latest step after the warm-up a dream may start at", min=0)
     done_threshold: float = setting(0.5, "predicted done probability that ends a dream", min=0.0)
     # real env
@@ -193,7 +199,7 @@ def main(cfg: TrainControllerConfig) -> int:
             raise UserError(f"{latents.path}: no encoded episodes; run 'wm encode' first")
         m = mdnrnn.to(device)
         start = StartStates.from_episodes(
-            m, episodes, cfg.start_states, cfg.warmup, cfg.max_start, cfg.seed
+            m, episodes, cfg.start_states, cfg.warmup, cfg.max_start, cfg.seed, cfg.start_context
         ).to(device)
         dream = DreamFitness(m, start, spec, cfg, device)
 
