@@ -82,6 +82,15 @@ class TrainMDNRNNConfig(RunConfig):
         "the frame-to-frame motion (small in z) from drowning in V's noise",
         min=0.0,
     )
+    self_feed: int = setting(
+        0,
+        "extra passes over each batch in which M reads its own draws of z instead of the data's "
+        "(each pass's inputs drawn from the previous pass's predictions, so errors compound as "
+        "in a dream), scored against the real next z, reward and end: a multi-step open-loop "
+        "loss that teaches M to stay on course under its own sampling noise (0: teacher forcing)",
+        min=0,
+    )
+    self_feed_temperature: float = setting(1.0, "temperature of the self_feed draws", min=0.0)
     heldout_fraction: float = setting(0.05, "fraction of episodes held out", min=0.0, max=0.5)
 
     def validate(self) -> None:
@@ -254,6 +263,28 @@ def training_batches(
     return out
 
 
+def self_fed_loss(
+    model: MDNRNN,
+    batch: dict[str, torch.Tensor],
+    out,
+    terms: dict[str, torch.Tensor],
+    cfg: TrainMDNRNNConfig,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """The loss averaged over the teacher-forced pass (`out`, `terms`) and `cfg.self_feed`
+    passes whose inputs are M's own draws: z_0 real, then z_{t+1} drawn from the previous
+    pass's prediction at t (no gradient through the draw). Targets stay the real ones."""
+    total = terms["loss"]
+    for _ in range(cfg.self_feed):
+        with torch.no_grad():
+            drawn = model.sample(out, cfg.self_feed_temperature)  # (B, T, z_dim) z_{t+1}
+            z = torch.cat([batch["z"][:, :1], drawn[:, :-1]], dim=1)  # (B, T, z_dim)
+        out = model(z, batch["actions"], state)
+        fed = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
+        total = total + fed["loss"]
+    return terms | {"loss": total / (cfg.self_feed + 1), "self_fed_loss": fed["loss"]}
+
+
 @torch.no_grad()
 def evaluate(model: MDNRNN, chunks: dict[str, torch.Tensor], device, batch: int = 64) -> dict:
     """Held-out NLL per latent dimension, reward MSE and done accuracy (masked means)."""
@@ -335,8 +366,12 @@ def main(cfg: TrainMDNRNNConfig) -> int:
         for batch, new_lane in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(batch["z"], batch["actions"], None if new_lane else state)
-            state = tuple(x.detach() for x in out.state)  # gradients stop at chunk borders
             terms = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
+            if cfg.self_feed:
+                terms = self_fed_loss(model, batch, out, terms, cfg, None if new_lane else state)
+            # The next chunk starts from the teacher-forced state: real context, as in a dream's
+            # warm-up. Gradients stop at chunk borders.
+            state = tuple(x.detach() for x in out.state)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if cfg.grad_clip > 0:
