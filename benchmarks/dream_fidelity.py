@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from gen_core.config import load_config
 from worldmodels.cli import SECTIONS
@@ -39,6 +40,9 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=20, help="real tracks per scored policy")
     p.add_argument("--tracks", type=int, default=16, help="fidelity tracks (dream start states)")
     p.add_argument("--horizon", type=int, default=300)
+    p.add_argument(
+        "--controller", default="", help="controller checkpoint (default: the run's last round)"
+    )
     p.add_argument("overrides", nargs="*", help="key=value settings shared by both stages")
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -51,7 +55,7 @@ def main() -> None:
         SECTIONS,
     )
     suffix = last_round(fcfg.run_dir)  # the last round of the iterative loop, if any
-    controller = fcfg.run_dir / f"controller{suffix}" / "checkpoints"
+    controller = Path(args.controller or fcfg.run_dir / f"controller{suffix}" / "checkpoints")
     mdnrnn = fcfg.run_dir / f"mdnrnn{suffix}" / "checkpoints"
     if not controller.exists():
         raise SystemExit(f"{controller} not found: run the pipeline first")
