@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from gen_core.checkpoint import load_checkpoint
 from gen_core.config import setting, to_dict
 from gen_core.errors import UserError
 from gen_core.runs import RunConfig, cores, resolve_device, start_run
@@ -197,6 +198,13 @@ def main(cfg: TrainControllerConfig) -> int:
         episodes = [ep for _, ep in latents.iter_episodes(keys=("mu", "actions"))]
         if not episodes:
             raise UserError(f"{latents.path}: no encoded episodes; run 'wm encode' first")
+        m_cfg = load_checkpoint(cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints")).config
+        if m_cfg.get("carry_state") and cfg.start_context == "warmup":
+            # Such an M never saw a zero state mid-episode: a short warm-up starts it off-course.
+            run.log.warning(
+                "controller: M was trained with carry_state; start_context=episode gives its "
+                "dreams the memory it was trained with"
+            )
         m = mdnrnn.to(device)
         start = StartStates.from_episodes(
             m, episodes, cfg.start_states, cfg.warmup, cfg.max_start, cfg.seed, cfg.start_context
