@@ -69,7 +69,7 @@ class TrainMDNRNNConfig(RunConfig):
         "stateful truncated BPTT: each batch walks whole episodes chunk by chunk, every chunk "
         "starting from the last one's LSTM state (gradients cut), so M learns the memory it "
         "runs with over a whole episode; without it every chunk starts from zero state and M's "
-        "memory drifts once a dream or a real episode runs past seq_len steps",
+        "memory can drift once a dream or a real episode runs past seq_len steps",
     )
     batch_size: int = setting(32, "chunks per batch", min=1)
     epochs: int = setting(20, "passes over the training episodes", min=1)
