@@ -132,26 +132,43 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _step_folder(path: str | os.PathLike) -> Path:
+    """`path` if it is a step folder, else the latest step folder under it (a checkpoint folder
+    or a run stage). Raises UserError (one line, naming the path) if there is none."""
+    path = Path(path)
+    if (path / "model.pt").is_file():
+        return path
+    for candidate in (path, path / "checkpoints"):
+        found = latest_checkpoint(candidate) if candidate.is_dir() else None
+        if found is not None:
+            return found
+    raise UserError(f"{path}: no checkpoint found (expected model.pt or a 'latest' pointer)")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+
+
+def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The resolved config saved with a checkpoint (found as `load_checkpoint` finds it),
+    without loading its weights."""
+    path = _step_folder(path)
+    try:
+        return _read_config(path)
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: checkpoint config is unreadable ({type(err).__name__})") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Checkpoint:
     """Load a step folder, or the latest one if `path` is a checkpoint folder or a run stage.
 
     Raises UserError (one line, naming the path) if nothing loadable is there.
     """
-    path = Path(path)
-    if not (path / "model.pt").is_file():
-        for candidate in (path, path / "checkpoints"):
-            found = latest_checkpoint(candidate) if candidate.is_dir() else None
-            if found is not None:
-                path = found
-                break
-        else:
-            raise UserError(
-                f"{path}: no checkpoint found (expected model.pt or a 'latest' pointer)"
-            )
+    path = _step_folder(path)
     try:
         model = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
         state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+        config = _read_config(path)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, yaml.YAMLError) as err:
         raise UserError(
             f"{path}: checkpoint is unreadable or corrupt ({type(err).__name__})"

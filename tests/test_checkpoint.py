@@ -6,6 +6,7 @@ import torch
 
 from gen_core.checkpoint import (
     check_compatible,
+    checkpoint_config,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -34,6 +35,8 @@ def test_save_load_round_trip_and_latest_pointer(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000004"
     ck = load_checkpoint(tmp_path)
     assert ck.step == 4 and ck.state["epoch"] == 4 and ck.config == {"z_dim": 8}
+    # The config alone, found the same way (checkpoint folder or its run stage), no weights read.
+    assert checkpoint_config(tmp_path) == checkpoint_config(ck.path) == {"z_dim": 8}
     clone = torch.nn.Linear(3, 2)
     clone.load_state_dict(ck.model)
     x = torch.randn(5, 3)
@@ -52,6 +55,8 @@ def test_rng_state_restores_every_generator():
 def test_missing_and_corrupt_checkpoints_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no checkpoint found"):
         load_checkpoint(tmp_path)
+    with pytest.raises(UserError, match="no checkpoint found"):
+        checkpoint_config(tmp_path)
     save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {}, {})
     (tmp_path / "step_00000001" / "model.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="unreadable or corrupt"):

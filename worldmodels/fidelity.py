@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gen_core.checkpoint import checkpoint_config
 from gen_core.config import setting
 from gen_core.errors import UserError
 from gen_core.io import atomic_write_text
@@ -626,7 +627,7 @@ def main(cfg: FidelityConfig) -> int:
     from worldmodels.evolve import load_controller_params
     from worldmodels.iterate import last_round
     from worldmodels.latents import LatentStore
-    from worldmodels.mdnrnn import load_mdnrnn, reward_targets
+    from worldmodels.mdnrnn import reward_targets
     from worldmodels.vae import split_episodes
 
     run = start_run(cfg, "fidelity")
@@ -637,7 +638,7 @@ def main(cfg: FidelityConfig) -> int:
         m_path,
         cfg.path(cfg.store, "store"),
     )
-    _, m_cfg = load_mdnrnn(m_path)
+    m_cfg = checkpoint_config(m_path)  # M itself came with the agent parts above
     policies = [fixed_policy(n) for n in cfg.policies]
     for i, path in enumerate(cfg.controllers):
         params, c_cfg = load_controller_params(Path(path), "auto")

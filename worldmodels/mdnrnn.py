@@ -179,6 +179,13 @@ def load_episodes(store: LatentStore, cfg: TrainMDNRNNConfig) -> list[Episode]:
     return out
 
 
+def chunk_bounds(length: int, seq_len: int, first: int = 0) -> list[tuple[int, int]]:
+    """[(start, end)] cutting `length` steps into chunks of `seq_len` steps, with a border at
+    `first` too (a shorter first chunk, so borders can move between epochs)."""
+    cuts = sorted({0, length, *range(first, length, seq_len)})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def make_chunks(
     episodes: list[Episode],
     seq_len: int,
@@ -199,8 +206,7 @@ def make_chunks(
             z = ep.mu + z_noise * np.exp(0.5 * ep.logvar) * eps
         T = len(ep.actions)
         start = int(rng.integers(0, seq_len)) if offset else 0
-        cuts = sorted({0, T, *range(start, T, seq_len)})
-        for s, e in zip(cuts[:-1], cuts[1:]):
+        for s, e in chunk_bounds(T, seq_len, start):
             n, pad = e - s, seq_len - (e - s)
 
             def padded(x, pad=pad):
@@ -237,14 +243,6 @@ def make_lanes(
     return groups
 
 
-def chunk_bounds(length: int, seq_len: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """[(start, end)] cutting `length` steps into chunks of `seq_len`, the first one shortened
-    by a random amount so the borders move between epochs."""
-    first = int(rng.integers(1, seq_len + 1))
-    cuts = sorted({0, length, *range(first, length, seq_len)})
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
 def training_batches(
     episodes: list[Episode], cfg: TrainMDNRNNConfig, rng: np.random.Generator
 ) -> list[tuple[dict[str, torch.Tensor], bool]]:
@@ -258,7 +256,8 @@ def training_batches(
         ]
     out = []
     for lane in make_lanes(episodes, cfg.batch_size, rng, cfg.sample_z, cfg.z_noise):
-        for i, (s, e) in enumerate(chunk_bounds(lane["z"].shape[1], cfg.seq_len, rng)):
+        first = int(rng.integers(1, cfg.seq_len + 1))
+        for i, (s, e) in enumerate(chunk_bounds(lane["z"].shape[1], cfg.seq_len, first)):
             out.append(({k: v[:, s:e] for k, v in lane.items()}, i == 0))
     return out
 

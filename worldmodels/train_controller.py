@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gen_core.checkpoint import load_checkpoint
+from gen_core.checkpoint import checkpoint_config
 from gen_core.config import setting, to_dict
 from gen_core.errors import UserError
 from gen_core.runs import RunConfig, cores, resolve_device, start_run
@@ -198,7 +198,7 @@ def main(cfg: TrainControllerConfig) -> int:
         episodes = [ep for _, ep in latents.iter_episodes(keys=("mu", "actions"))]
         if not episodes:
             raise UserError(f"{latents.path}: no encoded episodes; run 'wm encode' first")
-        m_cfg = load_checkpoint(cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints")).config
+        m_cfg = checkpoint_config(cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"))
         if m_cfg.get("carry_state") and cfg.start_context == "warmup":
             # Such an M never saw a zero state mid-episode: a short warm-up starts it off-course.
             run.log.warning(
