@@ -31,7 +31,7 @@ from worldmodels.evaluate import EvaluateConfig
 from worldmodels.evaluate import main as evaluate
 from worldmodels.fidelity import FidelityConfig
 from worldmodels.fidelity import main as fidelity
-from worldmodels.iterate import last_round
+from worldmodels.iterate import last_round_checkpoints
 
 
 def main() -> None:
@@ -54,9 +54,11 @@ def main() -> None:
         "fidelity",
         SECTIONS,
     )
-    suffix = last_round(fcfg.run_dir)  # the last round of the iterative loop, if any
-    controller = Path(args.controller or fcfg.run_dir / f"controller{suffix}" / "checkpoints")
-    mdnrnn = fcfg.run_dir / f"mdnrnn{suffix}" / "checkpoints"
+    # The last round of the iterative loop, if any.
+    controller = Path(
+        args.controller or fcfg.run_dir / last_round_checkpoints(fcfg.run_dir, "controller")
+    )
+    mdnrnn = fcfg.run_dir / last_round_checkpoints(fcfg.run_dir, "mdnrnn")
     if not controller.exists():
         raise SystemExit(f"{controller} not found: run the pipeline first")
     fcfg.controllers = [str(controller)]

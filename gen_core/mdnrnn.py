@@ -36,6 +36,7 @@ class MDNRNNConfig:
     reward_weight: float = 1.0  # weight of the reward MSE in the loss
     done_weight: float = 1.0  # weight of the done BCE in the loss
     done_pos_weight: float = 1.0  # weight of positive (done) steps in the BCE: ends are rare
+    done_reward: float = 0.0  # reward a rollout earns on the step the done head ends it
     min_log_sigma: float = -7.0  # clamp on component log-stds, for a finite NLL
 
 

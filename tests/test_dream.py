@@ -202,6 +202,32 @@ def test_dream_returns_stop_collecting_reward_once_done_fires():
     torch.testing.assert_close(returns, first.reward)
 
 
+def test_a_dream_ended_by_the_done_head_pays_ms_done_reward():
+    m = model()
+    s = starts(m)
+    idx = torch.arange(6)
+    with torch.no_grad():
+        m.done.bias.fill_(100.0)  # every rollout ends on its first step
+    z, h, c = s.take(idx)
+    action = random_policy()(z, h)
+    before = dream_step(m, z, h, c, action, 1.0, torch.Generator().manual_seed(0))
+    m.config.done_reward = -100.0
+    after = dream_step(m, z, h, c, action, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(after.reward, before.reward - 100.0)
+    returns = dream_returns(m, random_policy(), s, idx, 10, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(returns, after.reward)
+    with torch.no_grad():
+        m.done.bias.fill_(-100.0)  # no rollout ends: no done reward
+    no_end = dream_returns(m, random_policy(), s, idx, 1, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(no_end, before.reward, atol=1e-4, rtol=0)
+    env = DreamVectorEnv(**kwargs(m), num_envs=2)
+    with torch.no_grad():
+        m.done.bias.fill_(100.0)
+    env.reset(seed=0)
+    _, reward, terminated, _, _ = env.step(np.zeros((2, 3), np.float32))
+    assert terminated.all() and (reward < -90).all()
+
+
 def test_dream_returns_without_reward_and_done_heads_are_zero():
     torch.manual_seed(0)
     m = MDNRNN(

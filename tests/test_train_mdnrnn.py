@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from gen_core.checkpoint import load_checkpoint
@@ -122,6 +123,27 @@ def test_training_lowers_heldout_nll_and_resumes(tmp_path):
     assert config["z_dim"] == Z and model.config.hidden == 32
     out = model(torch.zeros(1, 3, Z), torch.zeros(1, 3, A))
     assert out.mu.shape == (1, 3, Z, 2)
+
+
+def test_done_reward_is_what_the_clip_took_from_the_episode_ends(tmp_path):
+    store = write_latents(tmp_path / "lat", n=4)
+    for i, last in [(0, -100.0), (1, -80.0)]:  # two exits, penalties the clip [-1, 100] cuts
+        ep = store.load(i)
+        ep["rewards"][-1] = last
+        store.write_episode(i, ep)
+    ep = store.load(2)
+    ep["terminated"][:] = False  # a time-out: no end reward to learn
+    ep["rewards"][-1] = -50.0
+    store.write_episode(2, ep)
+    # Episode 3 ends (terminated) with its gas reward in [0, 1]: the clip takes nothing.
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=1, reward_clip=[-1, 100])) == 0
+    model, config = load_mdnrnn(tmp_path / "m" / "mdnrnn")
+    assert config["done_reward"] == pytest.approx((-99.0 - 79.0 + 0.0) / 3)
+    assert model.config.done_reward == pytest.approx(config["done_reward"])
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=1, out_name="noclip")) == 0
+    assert load_mdnrnn(tmp_path / "m" / "noclip")[0].config.done_reward == 0.0
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=1, out_name="set", done_reward=-5)) == 0
+    assert load_mdnrnn(tmp_path / "m" / "set")[0].config.done_reward == -5.0
 
 
 def test_resume_with_other_shape_is_refused(tmp_path, capsys):

@@ -168,6 +168,7 @@ def dream_step(
     reward = out.reward[:, 0] if out.reward is not None else torch.zeros(B, device=z.device)
     if out.done_logit is not None:
         done = torch.sigmoid(out.done_logit[:, 0]) > done_threshold
+        reward = reward + model.config.done_reward * done
     else:
         done = torch.zeros(B, dtype=torch.bool, device=z.device)
     return DreamStep(z_next, out.state[0][0], out.state[1][0], reward, done)
@@ -190,7 +191,8 @@ def dream_returns(
     Args:
         policy: maps (z (B, z_dim), h (B, hidden)) to actions (B, action_dim).
         start_idx: (B,) which start state each rollout begins from.
-        steps: dream length; a rollout whose predicted done fires stops collecting reward.
+        steps: dream length; a rollout whose predicted done fires earns M's `done_reward` on
+            that step and stops collecting reward.
         dtype: M's matmuls in float32 or bfloat16 (faster on CPUs with bf16 dot products, less
             exact; see `MDNStepper`).
 
@@ -212,7 +214,10 @@ def dream_returns(
             total.addcmul_(reward, alive)
         done_logit = m.done_logit(out)
         if done_logit is not None:
-            alive.masked_fill_(torch.sigmoid(done_logit) > done_threshold, 0.0)
+            ended = torch.sigmoid(done_logit) > done_threshold  # (B,)
+            if model.config.done_reward:
+                total.addcmul_(ended.to(total.dtype), alive, value=model.config.done_reward)
+            alive.masked_fill_(ended, 0.0)
             if not alive.any():
                 break
     return total

@@ -22,7 +22,7 @@ from rollouts.collect import make_env
 from rollouts.parallel import ActorPool
 from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
 from worldmodels.evolve import load_controller_params
-from worldmodels.iterate import last_round
+from worldmodels.iterate import last_round_checkpoints
 from worldmodels.train_controller import RealEnvWorker
 
 EVAL_SEED_BASE = 1_000_000  # evaluation tracks never overlap the training seeds
@@ -87,13 +87,13 @@ def main(cfg: EvaluateConfig) -> int:
     name = cfg.name or cfg.policy
     parts, params = None, None
     if cfg.policy == "controller":
-        last = last_round(cfg.run_dir)
         params, ctrl_cfg = load_controller_params(
-            cfg.path(cfg.controller, f"controller{last}/checkpoints"), cfg.params
+            cfg.path(cfg.controller, last_round_checkpoints(cfg.run_dir, "controller")),
+            cfg.params,
         )
         parts = load_agent_parts(
             cfg.path(cfg.vae, "vae/checkpoints"),
-            cfg.path(cfg.mdnrnn, f"mdnrnn{last}/checkpoints"),
+            cfg.path(cfg.mdnrnn, last_round_checkpoints(cfg.run_dir, "mdnrnn")),
             cfg.path(cfg.store, "store"),
             observe_hidden=ctrl_cfg.get("observe_hidden", True),
         )

@@ -625,13 +625,13 @@ def main(cfg: FidelityConfig) -> int:
     from worldmodels.agent import WorldModelAgent, load_agent_parts
     from worldmodels.controller import ControllerSpec
     from worldmodels.evolve import load_controller_params
-    from worldmodels.iterate import last_round
+    from worldmodels.iterate import last_round_checkpoints
     from worldmodels.latents import LatentStore
     from worldmodels.mdnrnn import reward_targets
     from worldmodels.vae import split_episodes
 
     run = start_run(cfg, "fidelity")
-    m_path = cfg.path(cfg.mdnrnn, f"mdnrnn{last_round(cfg.run_dir)}/checkpoints")
+    m_path = cfg.path(cfg.mdnrnn, last_round_checkpoints(cfg.run_dir, "mdnrnn"))
     torch.set_num_threads(max(1, cfg.threads or cores()))
     vae, mdnrnn, spec, frames = load_agent_parts(
         cfg.path(cfg.vae, "vae/checkpoints"),

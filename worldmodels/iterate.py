@@ -38,6 +38,12 @@ def last_round(run_dir: Path) -> str:
     return f"_iter{max(rounds)}" if rounds else ""
 
 
+def last_round_checkpoints(run_dir: Path, stage: str) -> str:
+    """The run's default checkpoints of `stage` ("controller" or "mdnrnn"), relative to the run
+    folder: those of the last finished round of the loop, where C and the M it read belong."""
+    return f"{stage}{last_round(run_dir)}/checkpoints"
+
+
 class ExploringAgent:
     """The World Models agent with exploration: action noise, and explore-policy segments."""
 
@@ -107,13 +113,12 @@ class _AgentFactory:
 
 
 def main(cfg: CollectAgentConfig) -> int:
-    last = last_round(cfg.run_dir)
     params, ctrl_cfg = load_controller_params(
-        cfg.path(cfg.controller, f"controller{last}/checkpoints"), cfg.params
+        cfg.path(cfg.controller, last_round_checkpoints(cfg.run_dir, "controller")), cfg.params
     )
     parts = load_agent_parts(
         cfg.path(cfg.vae, "vae/checkpoints"),
-        cfg.path(cfg.mdnrnn, f"mdnrnn{last}/checkpoints"),
+        cfg.path(cfg.mdnrnn, last_round_checkpoints(cfg.run_dir, "mdnrnn")),
         cfg.store_path(),
         observe_hidden=ctrl_cfg.get("observe_hidden", True),
     )

@@ -63,6 +63,12 @@ class TrainMDNRNNConfig(RunConfig):
         "[low, high]: clip rewards before the target is made, e.g. [-1, 100] keeps CarRacing's "
         "-100 exit (an episode end the done head predicts) out of the reward head ([]: no clip)",
     )
+    done_reward: float | None = setting(
+        None,
+        "reward a dream pays on the step M's done head ends it; default: the mean part of the "
+        "data's last rewards that reward_clip took out (CarRacing's -100 for leaving the "
+        "playfield comes back where M foresees the exit; 0 without a clip)",
+    )
     seq_len: int = setting(100, "steps per training chunk (truncated BPTT length)", min=2)
     carry_state: bool = setting(
         False,
@@ -105,7 +111,7 @@ class TrainMDNRNNConfig(RunConfig):
     def latents_path(self) -> Path:
         return Path(self.latents) if self.latents else self.run_dir / "latents"
 
-    def model_config(self, z_dim: int, action_dim: int) -> MDNRNNConfig:
+    def model_config(self, z_dim: int, action_dim: int, done_reward: float = 0.0) -> MDNRNNConfig:
         return MDNRNNConfig(
             z_dim=z_dim,
             action_dim=action_dim,
@@ -114,6 +120,7 @@ class TrainMDNRNNConfig(RunConfig):
             reward_weight=self.reward_weight,
             done_weight=self.done_weight,
             done_pos_weight=self.done_pos_weight,
+            done_reward=done_reward,
         )
 
 
@@ -149,6 +156,19 @@ def reward_targets(
         return ((csum[idx + 1] - csum[begin]) / (idx + 1 - begin)).astype(np.float32)
     end = np.minimum(idx + window, len(rewards))
     return ((csum[end] - csum[idx]) / (end - idx)).astype(np.float32)
+
+
+def clipped_end_reward(store: LatentStore, clip: Sequence[float]) -> float:
+    """Mean of what `clip` takes out of the last reward of the episodes the env terminated."""
+    if not len(clip):
+        return 0.0
+    removed = [
+        float(r[-1] - np.clip(r[-1], clip[0], clip[1]))
+        for _, ep in store.iter_episodes(keys=("rewards", "terminated"))
+        for r in [ep["rewards"].astype(np.float64)]
+        if len(r) and ep["terminated"][-1]
+    ]
+    return float(np.mean(removed)) if removed else 0.0
 
 
 def split_latent_episodes(
@@ -323,10 +343,15 @@ def main(cfg: TrainMDNRNNConfig) -> int:
     z_dim, action_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
     train_eps, held_eps = split_latent_episodes(store, episodes, cfg)
 
-    model = MDNRNN(cfg.model_config(z_dim, action_dim)).to(device)
+    done_reward = (
+        cfg.done_reward
+        if cfg.done_reward is not None
+        else clipped_end_reward(store, cfg.reward_clip)
+    )
+    model = MDNRNN(cfg.model_config(z_dim, action_dim, done_reward)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt_dir = run.dir / "checkpoints"
-    config = to_dict(cfg) | {"z_dim": z_dim, "action_dim": action_dim}
+    config = to_dict(cfg) | {"z_dim": z_dim, "action_dim": action_dim, "done_reward": done_reward}
     start_epoch = 0
     if latest_checkpoint(ckpt_dir) is not None:
         ck = load_checkpoint(ckpt_dir, map_location=device)
@@ -349,7 +374,8 @@ def main(cfg: TrainMDNRNNConfig) -> int:
     )
     run.log.info(
         f"mdnrnn: {len(train_eps)} train / {len(held_eps)} held-out episodes, z_dim {z_dim}, "
-        f"{sum(p.numel() for p in model.parameters())} parameters, device {device}"
+        f"{sum(p.numel() for p in model.parameters())} parameters, device {device}, "
+        f"done reward {done_reward:.1f}"
     )
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -415,6 +441,7 @@ def load_mdnrnn(path: str | Path, map_location="cpu") -> tuple[MDNRNN, dict]:
             action_dim=c["action_dim"],
             hidden=c["hidden"],
             n_mixtures=c["n_mixtures"],
+            done_reward=c.get("done_reward") or 0.0,  # None in checkpoints made before it
         )
     )
     model.load_state_dict(ck.model)
