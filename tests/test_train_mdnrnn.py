@@ -136,14 +136,15 @@ def test_done_reward_is_what_the_clip_took_from_the_episode_ends(tmp_path):
     ep["rewards"][-1] = -50.0
     store.write_episode(2, ep)
     # Episode 3 ends (terminated) with its gas reward in [0, 1]: the clip takes nothing.
-    assert train_mdnrnn(cfg_for(tmp_path, epochs=1, reward_clip=[-1, 100])) == 0
+    clip = dict(epochs=1, reward_clip=[-1, 100])
+    assert train_mdnrnn(cfg_for(tmp_path, **clip, done_reward="clipped")) == 0
     model, config = load_mdnrnn(tmp_path / "m" / "mdnrnn")
-    assert config["done_reward"] == pytest.approx((-99.0 - 79.0 + 0.0) / 3)
-    assert model.config.done_reward == pytest.approx(config["done_reward"])
-    assert train_mdnrnn(cfg_for(tmp_path, epochs=1, out_name="noclip")) == 0
+    assert config["dream_done_reward"] == pytest.approx((-99.0 - 79.0 + 0.0) / 3)
+    assert model.config.done_reward == pytest.approx(config["dream_done_reward"])
+    assert train_mdnrnn(cfg_for(tmp_path, **clip, out_name="off")) == 0  # the default: none
+    assert load_mdnrnn(tmp_path / "m" / "off")[0].config.done_reward == 0.0
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=1, out_name="noclip", done_reward="clipped")) == 0
     assert load_mdnrnn(tmp_path / "m" / "noclip")[0].config.done_reward == 0.0
-    assert train_mdnrnn(cfg_for(tmp_path, epochs=1, out_name="set", done_reward=-5)) == 0
-    assert load_mdnrnn(tmp_path / "m" / "set")[0].config.done_reward == -5.0
 
 
 def test_resume_with_other_shape_is_refused(tmp_path, capsys):

@@ -63,11 +63,12 @@ class TrainMDNRNNConfig(RunConfig):
         "[low, high]: clip rewards before the target is made, e.g. [-1, 100] keeps CarRacing's "
         "-100 exit (an episode end the done head predicts) out of the reward head ([]: no clip)",
     )
-    done_reward: float | None = setting(
-        None,
-        "reward a dream pays on the step M's done head ends it; default: the mean part of the "
-        "data's last rewards that reward_clip took out (CarRacing's -100 for leaving the "
-        "playfield comes back where M foresees the exit; 0 without a clip)",
+    done_reward: Literal["none", "clipped"] = setting(
+        "none",
+        "what a dream pays on the step M's done head ends it: none, or clipped, the mean part "
+        "of the data's last rewards that reward_clip took out (CarRacing's -100 for leaving "
+        "the playfield then comes back where M foresees the exit). Needs data with many exits: "
+        "with few, M's false alarms teach C to stand still (docs/results/fidelity)",
     )
     seq_len: int = setting(100, "steps per training chunk (truncated BPTT length)", min=2)
     carry_state: bool = setting(
@@ -344,14 +345,13 @@ def main(cfg: TrainMDNRNNConfig) -> int:
     train_eps, held_eps = split_latent_episodes(store, episodes, cfg)
 
     done_reward = (
-        cfg.done_reward
-        if cfg.done_reward is not None
-        else clipped_end_reward(store, cfg.reward_clip)
+        clipped_end_reward(store, cfg.reward_clip) if cfg.done_reward == "clipped" else 0.0
     )
     model = MDNRNN(cfg.model_config(z_dim, action_dim, done_reward)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt_dir = run.dir / "checkpoints"
-    config = to_dict(cfg) | {"z_dim": z_dim, "action_dim": action_dim, "done_reward": done_reward}
+    config = to_dict(cfg) | {"z_dim": z_dim, "action_dim": action_dim}
+    config["dream_done_reward"] = done_reward  # measured from the data
     start_epoch = 0
     if latest_checkpoint(ckpt_dir) is not None:
         ck = load_checkpoint(ckpt_dir, map_location=device)
@@ -441,7 +441,7 @@ def load_mdnrnn(path: str | Path, map_location="cpu") -> tuple[MDNRNN, dict]:
             action_dim=c["action_dim"],
             hidden=c["hidden"],
             n_mixtures=c["n_mixtures"],
-            done_reward=c.get("done_reward") or 0.0,  # None in checkpoints made before it
+            done_reward=c.get("dream_done_reward", 0.0),
         )
     )
     model.load_state_dict(ck.model)
