@@ -8,7 +8,9 @@ Needs a finished run of the small pipeline (`wm pipeline --config configs/carrac
    steer left / right, brake, uniform random, correlated random) plus the run's controller, each
    driving `--horizon` steps from the same `--tracks` real starts (after a 50-step standing
    warm-up), in the dream and in the real env: Spearman rank correlation of the mean returns,
-   dream and real "stop" and "full gas".
+   dream and real "stop" and "full gas", and how often "stop", "gas 0.5" and "full gas" end the
+   episode within the horizon in the dream and for real (a dream that misses or invents
+   CarRacing's leave-the-playfield ends gets those returns wrong).
 2. `wm evaluate` (worldmodels.evaluate.main): the controller, constant full gas and uniform random
    actions over the same `--episodes` real tracks of 1,000 steps: mean and std of each.
 
@@ -102,6 +104,13 @@ def main() -> None:
         "dream_full_gas": fid["dream_full_gas"],
         "real_stop": fid["real_stop"],
         "real_full_gas": fid["real_full_gas"],
+        # End rates within the horizon; absent from a fidelity.json written before they were.
+        **{
+            key: fid[key]
+            for side in ("dream", "real")
+            for policy in ("stop", "gas_0.5", "full_gas")
+            if (key := f"{side}_end_{policy}") in fid
+        },
         "dream_controller": fid["dream_controller_1"],
         "real_controller_300_steps": fid["real_controller_1"],
         "controller_real_mean": round(scores["controller"]["mean"], 2),

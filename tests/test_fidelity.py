@@ -4,9 +4,12 @@ The toy car: state (position x, velocity v); under [steer, gas, brake]
 v' = 0.9 v + gas - 0.5 brake v, x' = x + v', reward v' - 0.1 - 0.1 |steer| - 0.05 steer, never
 done. Its observation is the state, V is the identity, and a "perfect" dream step runs exactly these
 dynamics on z, so the dream must reproduce the real returns; a dream that ignores the action must
-not rank the policies at all.
+not rank the policies at all. The walled car is the same car on a road that ends at x = WALL:
+driving past it terminates the episode with -100 (as leaving CarRacing's playfield does), so
+policies differ in how often they end, and a perfect dream of it must foresee the same ends.
 """
 
+import json
 import math
 
 import gymnasium as gym
@@ -23,12 +26,20 @@ from worldmodels.cli import main as wm
 from worldmodels.dream import DreamStep
 from worldmodels.fidelity import (
     FIXED_POLICIES,
+    FidelityConfig,
     FidelityResult,
+    FidelityWorker,
+    _cache_key,
+    _cached_real,
+    dream_returns_for,
     fixed_policy,
     measure_fidelity,
     open_loop_errors,
     pearson,
+    play_from_warmup,
+    real_returns,
     reward_response,
+    rollout_outcomes,
     rollout_returns,
     spearman,
 )
@@ -68,6 +79,16 @@ class ToyCar(gym.Env):
         return self._obs(), reward, False, False, {}
 
 
+WALL = 290.0  # gas 0.5 passes it on tracks 10 and 13 only, full gas on all, stop on none
+
+
+class WalledCar(ToyCar):
+    def step(self, action):
+        obs, reward, _, truncated, info = super().step(action)
+        terminated = self.x > WALL
+        return obs, reward - 100.0 * terminated, terminated, truncated, info
+
+
 def encode(frames):
     return torch.as_tensor(np.stack(frames))  # V = identity: (W + 1, 2)
 
@@ -82,6 +103,12 @@ def perfect_step(z, h, c, action, generator):
     x = z[:, 0] + v
     reward = v - 0.1 - 0.1 * steer.abs() - 0.05 * steer
     return DreamStep(torch.stack([x, v], dim=1), h, c, reward, _never_done(z))
+
+
+def walled_step(z, h, c, action, generator):
+    s = perfect_step(z, h, c, action, generator)
+    done = s.z[:, 0] > WALL  # (B,)
+    return DreamStep(s.z, s.h, s.c, s.reward - 100.0 * done, done)
 
 
 def noisy_step(sigma):
@@ -108,10 +135,10 @@ def action_blind_step(sigma=0.0):
     return step
 
 
-def fidelity(step, **kw):
+def fidelity(step, env=ToyCar, **kw):
     policies = [fixed_policy(n) for n in FIXED_POLICIES]
     args = dict(warmup=WARMUP, warmup_action=WARMUP_ACTION, horizon=HORIZON, dream_samples=8)
-    return measure_fidelity(step, encode, ToyCar, policies, SEEDS, HIDDEN, **{**args, **kw})
+    return measure_fidelity(step, encode, env, policies, SEEDS, HIDDEN, **{**args, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +191,35 @@ def test_result_summary_table_and_markdown():
     assert "Spearman 1.000" in md and "3 policies" in md
 
 
+def test_result_reports_end_rates_when_measured():
+    dream, real = np.array([[1.0, 3.0], [5.0, 5.0]]), np.array([[0.0, 0.0], [10.0, 12.0]])
+    dream_ended = np.array([[0.25, 0.75], [0.0, 0.0]])  # fractions of a start's dreams
+    real_ended = np.array([[1.0, 1.0], [0.0, 1.0]])
+    r = FidelityResult(["a", "b"], dream, real, {}, dream_ended, real_ended)
+    s = r.summary()
+    assert (s["dream_end_a"], s["real_end_a"], s["dream_end_b"], s["real_end_b"]) == (
+        0.5,
+        1.0,
+        0.0,
+        0.5,
+    )
+    rows = r.table()
+    assert (rows[0]["dream_end_rate"], rows[0]["real_end_rate"]) == (0.5, 1.0)
+    assert (rows[1]["dream_end_rate"], rows[1]["real_end_rate"]) == (0.0, 0.5)
+    md = r.markdown()
+    assert "| dream − real | dream ends | real ends |" in md
+    assert "| --- | --- | --- | --- | --- | --- |" in md
+    assert "| a | 2.0 ± 1.0 | 0.0 ± 0.0 | +2.0 | 50% | 100% |" in md
+    assert "| b | 5.0 ± 0.0 | 11.0 ± 1.0 | -6.0 | 0% | 50% |" in md
+    # Without ends (e.g. real returns passed in alone) only the measured side is reported.
+    dream_only = FidelityResult(["a", "b"], dream, real, {}, dream_ended)
+    assert "dream_end_a" in dream_only.summary() and "real_end_a" not in dream_only.summary()
+    assert "real_end_rate" not in dream_only.table()[0]
+    assert "dream ends |" in dream_only.markdown() and "real ends" not in dream_only.markdown()
+    plain = FidelityResult(["a", "b"], dream, real)
+    assert not any("_end_" in k for k in plain.summary()) and "ends" not in plain.markdown()
+
+
 def test_fixed_policies_and_unknown_names():
     assert fixed_policy("full_gas").action == (0.0, 1.0, 0.0)
     assert fixed_policy("correlated").kind == "correlated"
@@ -175,6 +231,8 @@ def test_fixed_policies_and_unknown_names():
 
 
 def test_toy_env_separates_the_fixed_policies(perfect):
+    assert perfect.real_ended.shape == perfect.real.shape and not perfect.real_ended.any()
+    assert perfect.dream_ended.shape == perfect.dream.shape and not perfect.dream_ended.any()
     real = perfect.real_mean
     assert perfect.real.shape == (len(FIXED_POLICIES), len(SEEDS))
     gaps = np.diff(np.sort(real))
@@ -241,6 +299,100 @@ def test_dream_rollouts_stop_at_the_predicted_end():
     h0 = torch.zeros(3, 1)
     total = rollout_returns(counter, lambda z, h: torch.zeros(3, 3), z0, h0, h0, steps=10)
     assert total.tolist() == [1.0, 3.0, 10.0]
+    # Ends after 1, 3 and 51 steps: within a horizon of 10 the first two end, the third does not;
+    # an end on the horizon's last step counts, one a step later does not.
+    for steps, ended in [(10, [True, True, False]), (3, [True, True, False]),
+                         (2, [True, False, False]), (60, [True, True, True])]:  # fmt: skip
+        total, end = rollout_outcomes(counter, lambda z, h: torch.zeros(3, 3), z0, h0, h0, steps)
+        assert end.dtype == torch.bool and end.tolist() == ended, steps
+        assert total.tolist() == [min(steps, n) for n in (1.0, 3.0, 51.0)], steps
+
+
+def test_dream_end_rate_is_the_fraction_of_a_starts_dreams_that_ended():
+    def counter(z, h, c, action, generator):  # ends after z[0] + 1 steps
+        z = z - 1
+        return DreamStep(z, h, c, torch.ones(len(z)), z[:, 0] < 0)
+
+    start = (torch.tensor([[2.0], [50.0]]), torch.zeros(2, 1), torch.zeros(2, 1))
+    stop = [fixed_policy("stop")]
+    for horizon, rates in [(10, [1.0, 0.0]), (2, [0.0, 0.0]), (60, [1.0, 1.0])]:
+        ret, ended = dream_returns_for(counter, stop, start, horizon, 3, CAR_RACING_ACTIONS)
+        assert ended.shape == (1, 2) and ended[0].tolist() == rates, horizon
+        assert ret[0].tolist() == [min(horizon, 3), min(horizon, 51)], horizon
+
+    def coin(z, h, c, action, generator):  # each dream ends at its first step with p = 0.3
+        done = torch.rand(len(z), generator=generator) < 0.3
+        return DreamStep(z, h, c, torch.zeros(len(z)), done)
+
+    _, ended = dream_returns_for(coin, stop, start, 1, 2000, CAR_RACING_ACTIONS)
+    assert np.all(np.abs(ended - 0.3) < 0.05) and np.all((ended > 0) & (ended < 1)), ended
+
+
+def test_real_end_is_a_termination_within_the_horizon():
+    env = WalledCar()
+    stop = make_policy("constant", CAR_RACING_ACTIONS, action=[0, 0, 0])
+    gas = make_policy("constant", CAR_RACING_ACTIONS, action=[0, 1, 0])
+    warm = np.asarray(WARMUP_ACTION, np.float32)
+    open_road = play_from_warmup(ToyCar(), gas, 10, WARMUP, warm, HORIZON)
+    ret, ended, frames = play_from_warmup(env, gas, 10, WARMUP, warm, HORIZON)
+    assert ended is True and len(frames) == WARMUP + 1
+    assert open_road[1] is False and ret < open_road[0] - 100  # the wall's -100, and stopped
+    ret, ended, _ = play_from_warmup(env, stop, 10, WARMUP, warm, HORIZON)
+    assert ended is False and ret == play_from_warmup(ToyCar(), stop, 10, WARMUP, warm, HORIZON)[0]
+    # Full gas reaches the wall only after a while: a shorter horizon does not end.
+    assert play_from_warmup(env, gas, 10, WARMUP, warm, 10)[1] is False
+    # A time limit (truncation) is no end.
+    limited = gym.wrappers.TimeLimit(WalledCar(), WARMUP + 10)
+    assert play_from_warmup(limited, gas, 10, WARMUP, warm, HORIZON)[1] is False
+    worker = FidelityWorker(WalledCar, WARMUP, WARMUP_ACTION, HORIZON)
+    assert worker.play((0, fixed_policy("full_gas"), 10))[1] is True
+    assert len(worker.warmup_frames(10)) == WARMUP + 1
+    names = ["stop", "gas_0.5", "full_gas"]
+    args = (WalledCar, WARMUP, WARMUP_ACTION, HORIZON, None)
+    ret, ended = real_returns(args, [fixed_policy(n) for n in names], SEEDS)
+    assert ret.shape == ended.shape == (3, len(SEEDS))
+    np.testing.assert_array_equal(ended, [[0, 0, 0, 0], [1, 0, 0, 1], [1, 1, 1, 1]])
+    open_ret, open_ended = real_returns(
+        (ToyCar, *args[1:]), [fixed_policy(n) for n in names], SEEDS
+    )
+    assert not open_ended.any()
+    np.testing.assert_allclose(ret[ended == 0], open_ret[ended == 0])
+    assert np.all(ret[ended == 1] < open_ret[ended == 1] - 100)
+
+
+def test_perfect_model_foresees_the_real_ends():
+    walled = fidelity(walled_step, env=WalledCar)
+    by = dict(zip(walled.names, walled.real_ended.mean(axis=1)))
+    assert (by["stop"], by["gas_0.5"], by["full_gas"]) == (0.0, 0.5, 1.0)
+    for name in CONSTANT:  # deterministic: the same ends on the same tracks, and the same returns
+        i = walled.names.index(name)
+        np.testing.assert_array_equal(walled.dream_ended[i], walled.real_ended[i], err_msg=name)
+        np.testing.assert_allclose(walled.dream[i], walled.real[i], atol=1e-3, err_msg=name)
+    s = walled.summary()
+    for name in CONSTANT:
+        assert s[f"dream_end_{name}"] == s[f"real_end_{name}"], name
+    assert s["real_end_gas_0.5"] == 0.5 and s["dream_end_full_gas"] == 1.0
+    assert "dream ends | real ends |" in walled.markdown()
+    # Real returns passed in without their ends: no real end rates, the dream's still there.
+    again = fidelity(walled_step, env=WalledCar, real=walled.real)
+    assert again.real_ended is None and "real_end_stop" not in again.summary()
+    np.testing.assert_array_equal(again.dream_ended, walled.dream_ended)
+    both = fidelity(walled_step, env=WalledCar, real=walled.real, real_ended=walled.real_ended)
+    assert both.summary()["real_end_gas_0.5"] == 0.5
+
+
+def test_real_cache_entries_from_before_ends_are_measured_again():
+    cfg = FidelityConfig()
+    seeds = [1, 2]
+    key = _cache_key(cfg, fixed_policy("stop"), seeds)
+    assert _cached_real({}, key, 2) is None
+    assert _cached_real({key: [1.0, 2.0]}, key, 2) is None  # the old format: returns only
+    assert _cached_real({key: {"returns": [1.0, 2.0]}}, key, 2) is None
+    assert _cached_real({key: {"returns": [1.0], "ended": [0.0]}}, key, 2) is None
+    entry = {"returns": [1.0, -90.0], "ended": [0.0, 1.0]}
+    cache = json.loads(json.dumps({key: entry}))  # as read back from the file
+    assert _cached_real(cache, key, 2) == ([1.0, -90.0], [0.0, 1.0])
+    assert _cached_real(cache, None, 2) is None  # controllers are never cached
 
 
 # ---------------------------------------------------------------------------------- open loop

@@ -7,13 +7,17 @@ controller checkpoints — by running each for the same `horizon` steps from the
 
 - real: on `tracks` tracks (seeds never used in training), after `warmup` steps of a fixed
   warm-up action (CarRacing's first ~50 frames are its zoom-in), the policy drives `horizon` steps;
-  its return over those steps is recorded.
+  its return over those steps is recorded, and whether the episode ended (terminated, e.g.
+  CarRacing's -100 for leaving the playfield) within them.
 - dream: V encodes the real warm-up frames of the same tracks, M runs over them (teacher-forced)
   to fill (h, c), and the dream starts from that state; each start is dreamed `dream_samples`
-  times at temperature `temperature` and the predicted rewards summed over `horizon` steps.
+  times at temperature `temperature`; the predicted rewards are summed over `horizon` steps, and
+  the fraction of those dreams that M's predicted done ends within them is recorded.
 
-Reported per policy: dream and real mean return, their gap (dream - real); over policies: the
-Spearman rank correlation (and Pearson) of the means. Plus M's multi-step diagnostics on held-out
+Reported per policy: dream and real mean return, their gap (dream - real), and dream and real end
+rates (how often the policy's episode ends within the horizon: a dream that misses those ends, or
+invents them, gets the returns wrong whatever its per-step rewards); over policies: the Spearman
+rank correlation (and Pearson) of the mean returns. Plus M's multi-step diagnostics on held-out
 real episodes: open-loop error of z, reward and done at several horizons under the episode's own
 actions, against persistence; and how much M's predicted reward responds to the action.
 
@@ -111,12 +115,19 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 @dataclass
 class FidelityResult:
-    """Dream vs real returns per policy, and how well the dream ranks them."""
+    """Dream vs real returns (and end rates) per policy, and how well the dream ranks them."""
 
     names: list[str]
     dream: np.ndarray  # (P, tracks) dream return per start (mean over dream samples)
     real: np.ndarray  # (P, tracks) real return per track
     extra: dict[str, Any] = field(default_factory=dict)
+    dream_ended: np.ndarray | None = None  # (P, tracks) fraction of a start's dreams that ended
+    real_ended: np.ndarray | None = None  # (P, tracks) 1.0 where the real episode ended
+
+    def _end_rates(self) -> dict[str, np.ndarray]:
+        """Per-policy end rates (P,) of the sides that were measured, keyed dream / real."""
+        sides = {"dream": self.dream_ended, "real": self.real_ended}
+        return {k: np.asarray(v).mean(axis=1) for k, v in sides.items() if v is not None}
 
     @property
     def dream_mean(self) -> np.ndarray:
@@ -139,8 +150,10 @@ class FidelityResult:
         return pearson(self.dream_mean, self.real_mean)
 
     def table(self) -> list[dict[str, Any]]:
-        return [
-            {
+        ends = self._end_rates()
+        rows = []
+        for i, n in enumerate(self.names):
+            row = {
                 "policy": n,
                 "dream_mean": round(float(self.dream[i].mean()), 2),
                 "dream_std": round(float(self.dream[i].std()), 2),
@@ -148,8 +161,10 @@ class FidelityResult:
                 "real_std": round(float(self.real[i].std()), 2),
                 "gap": round(float(self.gap[i]), 2),
             }
-            for i, n in enumerate(self.names)
-        ]
+            for side, rate in ends.items():
+                row[f"{side}_end_rate"] = round(float(rate[i]), 3)
+            rows.append(row)
+        return rows
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -158,21 +173,25 @@ class FidelityResult:
             "policies": len(self.names),
             "mean_abs_gap": round(float(np.abs(self.gap).mean()), 2),
         }
+        ends = self._end_rates()
         for i, n in enumerate(self.names):
             out[f"dream_{n}"] = round(float(self.dream_mean[i]), 2)
             out[f"real_{n}"] = round(float(self.real_mean[i]), 2)
+            for side, rate in ends.items():
+                out[f"{side}_end_{n}"] = round(float(rate[i]), 3)
         out.update(self.extra)
         return out
 
     def markdown(self) -> str:
-        lines = [
-            "| policy | dream mean ± std | real mean ± std | dream − real |",
-            "| --- | --- | --- | --- |",
-        ]
+        sides = list(self._end_rates())
+        header = "| policy | dream mean ± std | real mean ± std | dream − real |"
+        header += "".join(f" {side} ends |" for side in sides)
+        lines = [header, "| --- " * (4 + len(sides)) + "|"]
         for row in self.table():
+            ends = "".join(f" {row[f'{side}_end_rate']:.0%} |" for side in sides)
             lines.append(
                 f"| {row['policy']} | {row['dream_mean']:.1f} ± {row['dream_std']:.1f} | "
-                f"{row['real_mean']:.1f} ± {row['real_std']:.1f} | {row['gap']:+.1f} |"
+                f"{row['real_mean']:.1f} ± {row['real_std']:.1f} | {row['gap']:+.1f} |{ends}"
             )
         lines.append("")
         lines.append(
@@ -202,12 +221,14 @@ def real_policy(p: PolicySpec, action_space, agent_factory: Callable | None = No
 
 def play_from_warmup(
     env, policy, seed: int, warmup: int, warmup_action: np.ndarray, horizon: int
-) -> tuple[float, list[np.ndarray]]:
+) -> tuple[float, bool, list[np.ndarray]]:
     """Warm up with a fixed action, then let `policy` drive `horizon` steps.
 
-    Returns the return over the policy's steps and the warm-up observations (warmup + 1 frames,
-    the last being the one the policy first sees). A policy with `observe(obs, action)` (the
-    World Models agent) sees the warm-up frames too, so its M state matches the dream's start.
+    Returns the return over the policy's steps, whether the env terminated the episode within
+    them (a time-limit truncation is not an end: the dream has no time limit to foresee), and the
+    warm-up observations (warmup + 1 frames, the last being the one the policy first sees). A
+    policy with `observe(obs, action)` (the World Models agent) sees the warm-up frames too, so
+    its M state matches the dream's start.
     """
     obs, _ = env.reset(seed=seed)
     if hasattr(policy, "reset"):
@@ -220,13 +241,14 @@ def play_from_warmup(
         frames.append(obs)
         if terminated or truncated:
             raise UserError(f"track {seed}: the episode ended during the {warmup}-step warm-up")
-    total = 0.0
+    total, ended = 0.0, False
     for _ in range(horizon):
         obs, reward, terminated, truncated, _ = env.step(policy(obs))
         total += float(reward)
         if terminated or truncated:
+            ended = bool(terminated)
             break
-    return total, frames
+    return total, ended, frames
 
 
 class FidelityWorker:
@@ -248,17 +270,18 @@ class FidelityWorker:
         self.warmup_action = np.asarray(warmup_action, dtype=np.float32)
         self.agent_factory = agent_factory
 
-    def play(self, item: tuple[int, PolicySpec, int]) -> float:
+    def play(self, item: tuple[int, PolicySpec, int]) -> tuple[float, bool]:
+        """(return, ended) of one policy on one track."""
         _, p, seed = item
         policy = real_policy(p, self.env.action_space, self.agent_factory)
-        ret, _ = play_from_warmup(
+        ret, ended, _ = play_from_warmup(
             self.env, policy, seed, self.warmup, self.warmup_action, self.horizon
         )
-        return ret
+        return ret, ended
 
     def warmup_frames(self, seed: int) -> list[np.ndarray]:
         policy = make_policy("constant", self.env.action_space, action=list(self.warmup_action))
-        _, frames = play_from_warmup(self.env, policy, seed, self.warmup, self.warmup_action, 0)
+        _, _, frames = play_from_warmup(self.env, policy, seed, self.warmup, self.warmup_action, 0)
         return frames
 
 
@@ -269,11 +292,13 @@ def real_returns(
     workers: int = 1,
     ray_address: str | None = None,
     show_progress: bool = False,
-) -> np.ndarray:
-    """(P, tracks) real returns; in Ray actors when `workers` > 1, else in this process."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P, tracks) real returns and ends (1.0 where the episode terminated within the horizon);
+    in Ray actors when `workers` > 1, else in this process."""
     items = [(i, p, s) for i, p in enumerate(policies) for s in seeds]
     col = {s: j for j, s in enumerate(seeds)}
     out = np.zeros((len(policies), len(seeds)))
+    ended = np.zeros((len(policies), len(seeds)))
     bar = progress(total=len(items), desc="real", unit="ep", disable=not show_progress)
     try:
         if workers > 1 or ray_address:
@@ -281,18 +306,18 @@ def real_returns(
 
             args = (*worker_args, True)
             with ActorPool(FidelityWorker, args, n=workers, ray_address=ray_address) as pool:
-                for (i, _, s), ret in pool.map_unordered("play", items):
-                    out[i, col[s]] = ret
+                for (i, _, s), (ret, end) in pool.map_unordered("play", items):
+                    out[i, col[s]], ended[i, col[s]] = ret, end
                     bar.update(1)
         else:
             worker = FidelityWorker(*worker_args)
             for item in items:
                 i, _, s = item
-                out[i, col[s]] = worker.play(item)
+                out[i, col[s]], ended[i, col[s]] = worker.play(item)
                 bar.update(1)
     finally:
         bar.close()
-    return out
+    return out, ended
 
 
 # ---------------------------------------------------------------------------------- dream side
@@ -360,6 +385,29 @@ def dream_policy(
 
 
 @torch.no_grad()
+def rollout_outcomes(
+    step: StepFn,
+    policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed predicted reward (B,) of B dream rollouts, and whether each ended (B,) bool: its
+    predicted done fired within `steps` (the last step included). A rollout stops at its end."""
+    total = torch.zeros(len(z))  # (B,)
+    alive = torch.ones(len(z), dtype=torch.bool)  # (B,)
+    for _ in range(steps):
+        s = step(z, h, c, policy(z, h), generator)
+        total += s.reward * alive
+        alive &= ~s.done
+        z, h, c = s.z, s.h, s.c
+        if not alive.any():
+            break
+    return total, ~alive
+
+
 def rollout_returns(
     step: StepFn,
     policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -369,17 +417,8 @@ def rollout_returns(
     steps: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """(B,) summed predicted reward of B dream rollouts; a rollout stops at its predicted end."""
-    total = torch.zeros(len(z))
-    alive = torch.ones(len(z), dtype=torch.bool)
-    for _ in range(steps):
-        s = step(z, h, c, policy(z, h), generator)
-        total += s.reward * alive
-        alive &= ~s.done
-        z, h, c = s.z, s.h, s.c
-        if not alive.any():
-            break
-    return total
+    """(B,) summed predicted reward of B dream rollouts (`rollout_outcomes` without the ends)."""
+    return rollout_outcomes(step, policy, z, h, c, steps, generator)[0]
 
 
 def dream_returns_for(
@@ -390,19 +429,22 @@ def dream_returns_for(
     samples: int,
     action_space,
     seed: int = 0,
-) -> np.ndarray:
-    """(P, starts) dream return per policy and start, the mean over `samples` dreams each."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P, starts) dream return per policy and start, the mean over `samples` dreams each, and
+    (P, starts) end rate: the fraction of those dreams that ended within `horizon` steps."""
     z0, h0, c0 = start
     N = len(z0)
     rep = lambda x: x.repeat_interleave(samples, dim=0)  # noqa: E731  (N * samples, ...)
     out = np.zeros((len(policies), N))
+    ended = np.zeros((len(policies), N))
     for i, p in enumerate(policies):
         g = torch.Generator().manual_seed(seed * 1000 + i)
         seeds = [seed * 10_000_000 + i * 100_000 + j for j in range(N * samples)]
         policy = dream_policy(p, N * samples, action_space, g, seeds)
-        ret = rollout_returns(step, policy, rep(z0), rep(h0), rep(c0), horizon, g)
+        ret, end = rollout_outcomes(step, policy, rep(z0), rep(h0), rep(c0), horizon, g)
         out[i] = ret.view(N, samples).mean(dim=1).numpy()
-    return out
+        ended[i] = end.float().view(N, samples).mean(dim=1).numpy()
+    return out, ended
 
 
 def mdnrnn_step(model, temperature: float, done_threshold: float = 0.5) -> StepFn:
@@ -531,6 +573,7 @@ def measure_fidelity(
     real: np.ndarray | None = None,
     seed: int = 0,
     show_progress: bool = False,
+    real_ended: np.ndarray | None = None,
 ) -> FidelityResult:
     """Dream and real returns of `policies` from the same tracks (see the module docstring).
 
@@ -539,16 +582,20 @@ def measure_fidelity(
         encode: real frames (warmup + 1 of them) -> their latents (warmup + 1, z_dim).
         env_fn: makes the real env.
         real: precomputed real returns (P, tracks), e.g. cached from an earlier call.
+        real_ended: their ends (P, tracks), 0/1; with `real` but without it, the result has no
+            real end rates. Ignored without `real`: both are then measured.
     """
     worker_args = (env_fn, warmup, tuple(warmup_action), horizon, agent_factory)
     probe = FidelityWorker(*worker_args[:4])
     latents = [encode(probe.warmup_frames(s)) for s in seeds]
     start = start_states_from_frames(step, latents, warmup_action, hidden)
-    dream = dream_returns_for(
+    dream, dream_ended = dream_returns_for(
         step, policies, start, horizon, dream_samples, probe.env.action_space, seed
     )
     if real is None:
-        real = real_returns(worker_args, policies, seeds, workers, ray_address, show_progress)
+        real, real_ended = real_returns(
+            worker_args, policies, seeds, workers, ray_address, show_progress
+        )
     extra = {
         "reward_response": reward_response(
             step,
@@ -559,7 +606,7 @@ def measure_fidelity(
             seed=seed,
         )
     }
-    return FidelityResult([p.name for p in policies], dream, real, extra)
+    return FidelityResult([p.name for p in policies], dream, real, extra, dream_ended, real_ended)
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -619,6 +666,20 @@ def _cache_key(cfg: FidelityConfig, p: PolicySpec, seeds: Sequence[int]) -> str:
     )
 
 
+def _cached_real(cache: dict[str, Any], key: str | None, tracks: int) -> tuple[list, list] | None:
+    """(returns, ended) of a cache entry, or None when it must be measured: no key (controllers
+    depend on V and M), no entry, or an entry from before ends were cached (a plain list)."""
+    entry = cache.get(key) if key is not None else None
+    if not isinstance(entry, dict):
+        return None
+    returns, ended = entry.get("returns"), entry.get("ended")
+    if not isinstance(returns, list) or not isinstance(ended, list):
+        return None
+    if len(returns) != tracks or len(ended) != tracks:
+        return None
+    return returns, ended
+
+
 def main(cfg: FidelityConfig) -> int:
     from gen_core.vae import images_to_float
     from rollouts.collect import make_env, preprocess
@@ -670,15 +731,17 @@ def main(cfg: FidelityConfig) -> int:
     cache_path = Path(cfg.runs_dir) / "fidelity_real_cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     keys = [_cache_key(cfg, p, seeds) if p.kind != "controller" else None for p in policies]
-    todo = [i for i, k in enumerate(keys) if k is None or k not in cache]
+    cached = [_cached_real(cache, k, len(seeds)) for k in keys]
+    todo = [i for i, entry in enumerate(cached) if entry is None]
     worker_args = (env_fn, cfg.warmup, tuple(cfg.warmup_action), cfg.horizon, agent_factory)
     real = np.zeros((len(policies), len(seeds)))
-    for i, k in enumerate(keys):
-        if i not in todo:
-            real[i] = cache[k]
+    real_ended = np.zeros((len(policies), len(seeds)))
+    for i, entry in enumerate(cached):
+        if entry is not None:
+            real[i], real_ended[i] = entry
     if todo:
         n_workers = min(cfg.workers or cores(), len(todo) * len(seeds))
-        real[todo] = real_returns(
+        real[todo], real_ended[todo] = real_returns(
             worker_args,
             [policies[i] for i in todo],
             seeds,
@@ -688,7 +751,7 @@ def main(cfg: FidelityConfig) -> int:
         )
         for i in todo:
             if keys[i] is not None:
-                cache[keys[i]] = real[i].tolist()
+                cache[keys[i]] = {"returns": real[i].tolist(), "ended": real_ended[i].tolist()}
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache_path, json.dumps(cache) + "\n")
 
@@ -705,6 +768,7 @@ def main(cfg: FidelityConfig) -> int:
         cfg.dream_samples,
         real=real,
         seed=cfg.seed,
+        real_ended=real_ended,
     )
 
     # M's open-loop diagnostics on the episodes M held out (V's split rule).
@@ -763,7 +827,8 @@ def main(cfg: FidelityConfig) -> int:
     for row in result.table():
         run.log.info(
             f"fidelity {row['policy']:>14}: dream {row['dream_mean']:8.1f}  real "
-            f"{row['real_mean']:8.1f}  gap {row['gap']:+8.1f}"
+            f"{row['real_mean']:8.1f}  gap {row['gap']:+8.1f}  ends: dream "
+            f"{row['dream_end_rate']:4.0%}  real {row['real_end_rate']:4.0%}"
         )
     run.log.info(
         f"fidelity: Spearman {result.spearman:.3f}, Pearson {result.pearson:.3f}; "
