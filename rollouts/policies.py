@@ -119,10 +119,13 @@ class CorrelatedRandomPolicy:
             return np.array([0.0, 1.0, 0.0], dtype=np.float32)
         if self.hold <= 0:
             self.target = self._draw_target()
-            self.hold = int(self.rng.geometric(1.0 / self.hold_mean))
+            self.hold = self._draw_hold()
         self.hold -= 1
         self.action += self.smoothing * (self.target - self.action)
         return np.clip(self.action, self.space.low, self.space.high).astype(np.float32)
+
+    def _draw_hold(self) -> int:
+        return int(self.rng.geometric(1.0 / self.hold_mean))
 
 
 class ExplorePolicy(CorrelatedRandomPolicy):
@@ -132,6 +135,9 @@ class ExplorePolicy(CorrelatedRandomPolicy):
         segment_mean: mean steps of a segment (geometric).
         wait_prob: chance an episode starts by standing still for up to `max_wait` steps.
         modes: relative frequency of drive (steady gas in [0.1, 1]), coast, brake, idle (zero).
+        steady_episodes: chance an episode holds one segment's action to its end (after its
+            wait), so the data shows where a steady action leads in the long run: off the road,
+            a spin on the grass, out of the playfield, round in circles.
     """
 
     name = "explore"
@@ -144,9 +150,15 @@ class ExplorePolicy(CorrelatedRandomPolicy):
         wait_prob: float = 0.5,
         max_wait: int = 80,
         modes: tuple[float, float, float, float] = (0.65, 0.15, 0.1, 0.1),
+        steady_episodes: float = 0.0,
     ):
         if len(modes) != 4 or min(modes) < 0 or sum(modes) <= 0:
             raise UserError("policy_params.modes: expected 4 non-negative weights")
+        if not 0 <= steady_episodes <= 1:
+            raise UserError(
+                f"policy_params.steady_episodes: expected a chance in [0, 1], got {steady_episodes}"
+            )
+        self.steady_episodes = steady_episodes
         self.wait_prob, self.max_wait = wait_prob, max_wait
         self.modes = np.asarray(modes, dtype=np.float64) / sum(modes)
         super().__init__(action_space, segment_mean, smoothing, warmup_gas_steps=0)
@@ -156,6 +168,11 @@ class ExplorePolicy(CorrelatedRandomPolicy):
         self.wait = 0
         if self.car_racing and self.rng.random() < self.wait_prob:
             self.wait = int(self.rng.integers(1, self.max_wait + 1))
+        # Drawn only when asked for, so episodes collected without it stay as they were.
+        self.steady = self.steady_episodes > 0 and self.rng.random() < self.steady_episodes
+
+    def _draw_hold(self) -> int:
+        return 2**62 if self.steady else super()._draw_hold()
 
     def _draw_target(self) -> np.ndarray:
         rng = self.rng

@@ -492,6 +492,31 @@ def test_explore_policy_bounds_determinism_and_waits():
                               explore_actions(CAR_RACING_ACTIONS, 1)[1])  # fmt: skip
 
 
+def test_steady_explore_episodes_hold_one_action_to_the_end():
+    def actions(seed, **params):
+        p = make_policy("explore", CAR_RACING_ACTIONS, **params)
+        p.reset(seed)
+        return p, np.stack([p(np.zeros(1, np.float32)) for _ in range(500)])
+
+    steady = 0
+    for seed in range(40):
+        p, acts = actions(seed, steady_episodes=0.5)
+        if p.steady:
+            steady += 1
+            ramp = p.wait + 60  # the smoothing reaches the target well within 60 steps
+            np.testing.assert_allclose(acts[ramp:], acts[ramp:ramp + 1].repeat(500 - ramp, 0),
+                                       atol=1e-6)  # fmt: skip
+        else:
+            assert np.ptp(acts[p.wait :], axis=0).max() > 0.05  # segments change
+    assert 10 <= steady <= 30
+    # Without it the stream of actions is exactly the default policy's.
+    np.testing.assert_array_equal(actions(3, steady_episodes=0.0)[1], actions(3)[1])
+    assert not actions(3)[0].steady
+    assert all(actions(s, steady_episodes=1.0)[0].steady for s in range(5))
+    with pytest.raises(UserError, match="steady_episodes"):
+        make_policy("explore", CAR_RACING_ACTIONS, steady_episodes=1.5)
+
+
 def test_explore_policy_on_another_box_space():
     space = spaces.Box(np.float32([-2, 5]), np.float32([-1, 10]), dtype=np.float32)
     for seed in range(5):
