@@ -70,6 +70,11 @@ def test_pipeline_checks_every_section_before_running(tmp_path, capsys):
     assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}"]) == 2
     assert "mdnrnn.hidden: expected a value >= 1" in capsys.readouterr().err
     assert not (tmp_path / "default" / "store").exists()
+    # The fidelity section (read by wm fidelity from the same file) is checked too.
+    cfg.write_text("collect: {episodes: 2}\nfidelity: {tracks: 0}\n")
+    assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}"]) == 2
+    assert "fidelity.tracks: expected a value >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "default" / "store").exists()
 
 
 def test_real_mode_controller_training_uses_ray_workers(tmp_path):

@@ -35,6 +35,8 @@ STAGES = [
     ("controller", "worldmodels.train_controller", "TrainControllerConfig", "main"),
     ("collect_agent", "worldmodels.iterate", "CollectAgentConfig", "main"),
     ("evaluate", "worldmodels.evaluate", "EvaluateConfig", "main"),
+    # Not run by the pipeline: `wm fidelity` and benchmarks/dream_fidelity.py read this section.
+    ("fidelity", "worldmodels.fidelity", "FidelityConfig", "main"),
 ]
 BASELINES = {
     "random": {"policy": "uniform"},
@@ -60,6 +62,9 @@ class PipelineConfig(RunConfig):
     )
     evaluate: dict[str, Any] = setting({}, "settings of wm evaluate (the controller and baselines)")
     baselines: bool = setting(True, "also score uniform random actions and constant full gas")
+    fidelity: dict[str, Any] = setting(
+        {}, "settings of wm fidelity (checked here; the pipeline does not run it)"
+    )
 
     def validate(self) -> None:
         super().validate()
