@@ -95,6 +95,7 @@ def main() -> None:
     out = {
         "name": "dream_fidelity",
         "spearman": fid["spearman"],
+        "spearman_90": fid.get("spearman_90"),  # bootstrap interval over tracks
         "pearson": fid["pearson"],
         "policies": fid["policies"],
         "fidelity_tracks": args.tracks,

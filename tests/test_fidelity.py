@@ -275,6 +275,21 @@ def test_reward_response_of_the_perfect_model(perfect):
     assert blind["full_gas"] == blind["stop"]
 
 
+def test_spearman_interval_is_tight_for_a_perfect_model_and_wide_for_a_coin():
+    perfect_dream = np.array([[0.0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]])  # (P, tracks)
+    exact = FidelityResult(["a", "b", "c"], perfect_dream, perfect_dream.copy())
+    assert exact.spearman_interval() == (1.0, 1.0)
+    assert exact.summary()["spearman_90"] == [1.0, 1.0]
+    # Close policies whose dream returns are noise: the interval spans most of [-1, 1].
+    rng = np.random.default_rng(0)
+    real = np.array([[0.0] * 16, [1.0] * 16, [2.0] * 16, [3.0] * 16])
+    noisy = FidelityResult(list("abcd"), rng.normal(size=(4, 16)), real)
+    lo, hi = noisy.spearman_interval()
+    assert lo < 0 < hi and hi - lo > 1.0
+    assert noisy.spearman_interval() == (lo, hi)  # seeded: the same interval every time
+    assert "90% bootstrap interval over tracks" in noisy.markdown()
+
+
 def test_action_blind_model_cannot_rank(perfect):
     blind = fidelity(action_blind_step(), real=perfect.real)
     assert np.ptp(blind.dream_mean) == 0.0  # the same dream whatever the policy
