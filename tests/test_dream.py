@@ -188,12 +188,16 @@ def test_dream_returns_are_deterministic_for_a_fixed_seed():
     assert not torch.equal(run(1), run(2))
 
 
-def test_dream_returns_stop_collecting_reward_once_done_fires():
+def ending_at_once():
+    """M whose done head fires on every rollout's first step, its starts and their indices."""
     m = model()
-    s = starts(m)
-    idx = torch.arange(6)
     with torch.no_grad():
-        m.done.bias.fill_(100.0)  # every rollout ends on its first step
+        m.done.bias.fill_(100.0)
+    return m, starts(m), torch.arange(6)
+
+
+def test_dream_returns_stop_collecting_reward_once_done_fires():
+    m, s, idx = ending_at_once()
     g = torch.Generator().manual_seed(0)
     returns = dream_returns(m, random_policy(), s, idx, 10, 1.0, g)
     z, h, c = s.take(idx)
@@ -203,11 +207,7 @@ def test_dream_returns_stop_collecting_reward_once_done_fires():
 
 
 def test_a_dream_ended_by_the_done_head_pays_ms_done_reward():
-    m = model()
-    s = starts(m)
-    idx = torch.arange(6)
-    with torch.no_grad():
-        m.done.bias.fill_(100.0)  # every rollout ends on its first step
+    m, s, idx = ending_at_once()
     z, h, c = s.take(idx)
     action = random_policy()(z, h)
     before = dream_step(m, z, h, c, action, 1.0, torch.Generator().manual_seed(0))

@@ -40,7 +40,6 @@ from worldmodels.fidelity import (
     real_returns,
     reward_response,
     rollout_outcomes,
-    rollout_returns,
     spearman,
 )
 
@@ -312,7 +311,7 @@ def test_dream_rollouts_stop_at_the_predicted_end():
 
     z0 = torch.tensor([[0.0], [2.0], [50.0]])
     h0 = torch.zeros(3, 1)
-    total = rollout_returns(counter, lambda z, h: torch.zeros(3, 3), z0, h0, h0, steps=10)
+    total, _ = rollout_outcomes(counter, lambda z, h: torch.zeros(3, 3), z0, h0, h0, steps=10)
     assert total.tolist() == [1.0, 3.0, 10.0]
     # Ends after 1, 3 and 51 steps: within a horizon of 10 the first two end, the third does not;
     # an end on the horizon's last step counts, one a step later does not.

@@ -425,19 +425,6 @@ def rollout_outcomes(
     return total, ~alive
 
 
-def rollout_returns(
-    step: StepFn,
-    policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    z: torch.Tensor,
-    h: torch.Tensor,
-    c: torch.Tensor,
-    steps: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """(B,) summed predicted reward of B dream rollouts (`rollout_outcomes` without the ends)."""
-    return rollout_outcomes(step, policy, z, h, c, steps, generator)[0]
-
-
 def dream_returns_for(
     step: StepFn,
     policies: Sequence[PolicySpec],
@@ -563,7 +550,7 @@ def reward_response(
     for name, a in actions.items():
         g = torch.Generator().manual_seed(seed)
         act = torch.as_tensor(a, dtype=torch.float32).expand(len(z0) * samples, -1)
-        total = rollout_returns(
+        total, _ = rollout_outcomes(
             step, lambda z, h, act=act: act, rep(z0), rep(h0), rep(c0), steps, g
         )
         out[name] = round(float(total.mean()) / steps, 4)
