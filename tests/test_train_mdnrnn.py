@@ -78,6 +78,37 @@ def test_chunks_cover_every_step_once():
     np.testing.assert_array_equal(ch["z_next"][m].numpy(), ch["z"][m].numpy() + 2)
 
 
+def test_end_repeats_add_chunks_closing_on_episode_ends():
+    def episode(T, ended):
+        done = np.zeros(T, np.float32)
+        done[-1] = ended
+        return Episode(
+            mu=np.arange(T + 1, dtype=np.float32)[:, None],
+            logvar=np.zeros((T + 1, 1), np.float32),
+            actions=np.zeros((T, 1), np.float32),
+            rewards=np.arange(T, dtype=np.float32),
+            done=done,
+        )
+
+    eps = [episode(41, False), episode(37, True)]  # the extras follow the ended episode
+    plain = make_chunks(eps, 10, np.random.default_rng(0), False, True)
+    more = make_chunks(eps, 10, np.random.default_rng(0), False, True, end_repeats=6)
+    # Same chunks first (same draws), then 5 more, all from the ended episode.
+    n = len(plain["z"])
+    assert len(more["z"]) == n + 5
+    for k in plain:
+        torch.testing.assert_close(more[k][:n], plain[k])
+    extra_mask = more["mask"][n:].bool()
+    lengths = extra_mask.sum(1)
+    assert ((lengths >= 5) & (lengths <= 10)).all()
+    for row, m, length in zip(more["rewards"][n:], extra_mask, lengths):
+        # Each closes on the end: the last real step is reward 36 and done 1.
+        assert row[m].tolist() == list(range(37 - int(length), 37))
+    assert more["done"][n:].sum() == 5
+    with pytest.raises(Exception, match="carry_state"):
+        TrainMDNRNNConfig(end_repeats=3, carry_state=True).validate()
+
+
 def test_progress_reward_target():
     r = np.array([0, 0, 3, 0, 1], np.float32)
     np.testing.assert_allclose(reward_targets(r, "progress", 2), [0, 1.5, 1.5, 0.5, 1])

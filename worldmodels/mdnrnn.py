@@ -71,6 +71,13 @@ class TrainMDNRNNConfig(RunConfig):
         "with few, M's false alarms teach C to stand still (docs/results/fidelity)",
     )
     seq_len: int = setting(100, "steps per training chunk (truncated BPTT length)", min=2)
+    end_repeats: int = setting(
+        1,
+        "chunks per epoch that end on each terminated episode's last step: 1 is plain chunking; "
+        "more adds end_repeats-1 chunks of seq_len/2..seq_len steps closing on the end, so the "
+        "done head and the frames before an exit are not one step in tens of thousands",
+        min=1,
+    )
     carry_state: bool = setting(
         False,
         "stateful truncated BPTT: each batch walks whole episodes chunk by chunk, every chunk "
@@ -102,6 +109,11 @@ class TrainMDNRNNConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.end_repeats > 1 and self.carry_state:
+            raise UserError(
+                "end_repeats > 1 adds chunks that close on episode ends; carry_state walks whole "
+                "episodes instead, so set one of them only"
+            )
         if self.reward_clip and (
             len(self.reward_clip) != 2 or self.reward_clip[0] >= self.reward_clip[1]
         ):
@@ -214,12 +226,29 @@ def make_chunks(
     sample_z: bool,
     offset: bool,
     z_noise: float = 1.0,
+    end_repeats: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Cut episodes into padded chunks of `seq_len` steps, z drawn afresh from the posterior.
 
+    With `end_repeats` > 1, each episode that ended (done on its last step) gets
+    end_repeats - 1 more chunks of seq_len/2..seq_len steps closing on that end.
     Returns tensors z (N, L, z), z_next (N, L, z), actions (N, L, a), rewards, done, mask (N, L).
     """
     rows = {k: [] for k in ("z", "z_next", "actions", "rewards", "done", "mask")}
+
+    def add(ep: Episode, z: np.ndarray, s: int, e: int) -> None:
+        n, pad = e - s, seq_len - (e - s)
+
+        def padded(x):
+            return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+
+        rows["z"].append(padded(z[s:e]))
+        rows["z_next"].append(padded(z[s + 1 : e + 1]))
+        rows["actions"].append(padded(ep.actions[s:e]))
+        rows["rewards"].append(padded(ep.rewards[s:e]))
+        rows["done"].append(padded(ep.done[s:e]))
+        rows["mask"].append(padded(np.ones(n, np.float32)))
+
     for ep in episodes:
         z = ep.mu
         if sample_z:
@@ -228,17 +257,11 @@ def make_chunks(
         T = len(ep.actions)
         start = int(rng.integers(0, seq_len)) if offset else 0
         for s, e in chunk_bounds(T, seq_len, start):
-            n, pad = e - s, seq_len - (e - s)
-
-            def padded(x, pad=pad):
-                return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-
-            rows["z"].append(padded(z[s:e]))
-            rows["z_next"].append(padded(z[s + 1 : e + 1]))
-            rows["actions"].append(padded(ep.actions[s:e]))
-            rows["rewards"].append(padded(ep.rewards[s:e]))
-            rows["done"].append(padded(ep.done[s:e]))
-            rows["mask"].append(padded(np.ones(n, np.float32)))
+            add(ep, z, s, e)
+        if end_repeats > 1 and T and ep.done[-1]:
+            shortest, longest = min(T, max(1, seq_len // 2)), min(T, seq_len)
+            for n in rng.integers(shortest, longest + 1, size=end_repeats - 1):
+                add(ep, z, T - int(n), T)
     return {k: torch.from_numpy(np.stack(v)) for k, v in rows.items()}
 
 
@@ -270,7 +293,9 @@ def training_batches(
     """One epoch's batches as (batch, new_lane): new_lane False means the batch continues the
     previous one's episodes and starts from its LSTM state (`carry_state`); else zero state."""
     if not cfg.carry_state:
-        chunks = make_chunks(episodes, cfg.seq_len, rng, cfg.sample_z, True, cfg.z_noise)
+        chunks = make_chunks(
+            episodes, cfg.seq_len, rng, cfg.sample_z, True, cfg.z_noise, cfg.end_repeats
+        )
         order = torch.from_numpy(rng.permutation(len(chunks["z"])))
         return [
             ({k: v[idx] for k, v in chunks.items()}, True) for idx in order.split(cfg.batch_size)
