@@ -10,6 +10,7 @@ from worldmodels.latents import LatentStore
 from worldmodels.mdnrnn import (
     Episode,
     TrainMDNRNNConfig,
+    done_targets,
     load_mdnrnn,
     make_chunks,
     reward_targets,
@@ -107,6 +108,15 @@ def test_end_repeats_add_chunks_closing_on_episode_ends():
     assert more["done"][n:].sum() == 5
     with pytest.raises(Exception, match="carry_state"):
         TrainMDNRNNConfig(end_repeats=3, carry_state=True).validate()
+
+
+def test_done_horizon_marks_the_steps_before_an_end():
+    ended = np.arange(6) == 5
+    np.testing.assert_array_equal(done_targets(ended), [0, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(done_targets(ended, 3), [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(done_targets(ended, 10), [1] * 6)
+    # A time-out (no termination at the end) stays all zero.
+    np.testing.assert_array_equal(done_targets(np.zeros(6, bool), 3), [0] * 6)
 
 
 def test_progress_reward_target():

@@ -63,6 +63,14 @@ class TrainMDNRNNConfig(RunConfig):
         "[low, high]: clip rewards before the target is made, e.g. [-1, 100] keeps CarRacing's "
         "-100 exit (an episode end the done head predicts) out of the reward head ([]: no clip)",
     )
+    done_horizon: int = setting(
+        1,
+        "last steps of each terminated episode that the done head learns as ends: 1 is the end "
+        "step alone; k also marks the k-1 steps before it, whose frames may already show what "
+        "ends it (CarRacing's playfield edge enters the frame ~20 steps ahead), so the head "
+        "learns from k times more examples and a dream ends up to k-1 steps early",
+        min=1,
+    )
     done_reward: Literal["none", "clipped"] = setting(
         "none",
         "what a dream pays on the step M's done head ends it: none, or clipped, the mean part "
@@ -171,6 +179,15 @@ def reward_targets(
     return ((csum[end] - csum[idx]) / (end - idx)).astype(np.float32)
 
 
+def done_targets(terminated: np.ndarray, horizon: int = 1) -> np.ndarray:
+    """0/1 done targets (T,): the env's terminations, and with an ended episode also the
+    `horizon` - 1 steps before its end."""
+    done = terminated.astype(np.float32)
+    if horizon > 1 and len(done) and done[-1]:
+        done[-horizon:] = 1.0
+    return done
+
+
 def clipped_end_reward(store: LatentStore, clip: Sequence[float]) -> float:
     """Mean of what `clip` takes out of the last reward of the episodes the env terminated."""
     if not len(clip):
@@ -206,7 +223,7 @@ def load_episodes(store: LatentStore, cfg: TrainMDNRNNConfig) -> list[Episode]:
                 rewards=reward_targets(
                     ep["rewards"], cfg.reward_target, cfg.progress_window, cfg.reward_clip
                 ),
-                done=ep["terminated"].astype(np.float32),
+                done=done_targets(ep["terminated"], cfg.done_horizon),
             )
         )
     return out
