@@ -36,10 +36,12 @@ from worldmodels.fidelity import (
     measure_fidelity,
     open_loop_errors,
     pearson,
+    pick_candidates,
     play_from_warmup,
     real_returns,
     reward_response,
     rollout_outcomes,
+    search_agreement,
     spearman,
 )
 
@@ -227,6 +229,35 @@ def test_fixed_policies_and_unknown_names():
 
 
 # ---------------------------------------------------------------------------------- the measure
+
+
+def test_search_candidates_are_picked_by_rank_within_their_generation():
+    returns = [np.array([1.0, 5.0, 3.0, 2.0]), np.array([0.0, 9.0, 4.0])]
+    # Default generations: spread over 1..2; two per generation: the best and the worst.
+    assert pick_candidates(returns, [], 2) == [(1, 1, 1), (1, 4, 0), (2, 1, 1), (2, 3, 0)]
+    assert pick_candidates(returns, [2], 3) == [(2, 1, 1), (2, 2, 2), (2, 3, 0)]
+    assert pick_candidates(returns, [1], 9) == [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 4, 0)]
+    with pytest.raises(UserError, match=r"\[3\] outside the checkpoint's 1..2"):
+        pick_candidates(returns, [1, 3], 2)
+
+
+def test_search_agreement_separates_overall_and_within_generation_ranking():
+    gens = [1, 1, 1, 2, 2, 2]
+    real = [1.0, 2.0, 3.0, 11.0, 12.0, 13.0]
+    # Recorded returns order generation 1 right and generation 2 backwards; across
+    # generations they still put 2 above 1.
+    recorded = [1.0, 2.0, 3.0, 13.0, 12.0, 11.0]
+    out = search_agreement(gens, recorded, dream=real, real=real)
+    assert out["candidates"] == 6 and out["spearman"] == 1.0
+    assert out["within_generation"] == 0.0  # (1 + -1) / 2
+    assert 0 < out["recorded_spearman"] < 1
+    # Fewer than three candidates in every generation: no within-generation figure.
+    assert (
+        search_agreement([1, 1, 2, 2], [1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4])[
+            "within_generation"
+        ]
+        is None
+    )
 
 
 def test_toy_env_separates_the_fixed_policies(perfect):

@@ -195,3 +195,14 @@ def load_controller_params(path: Path, which: str = "auto") -> tuple[np.ndarray,
     if key not in ck.model:
         raise UserError(f"{ck.path}: no {which} parameters (no evaluation ran); use params=mean")
     return ck.model[key].double().numpy(), ck.config
+
+
+def load_search_history(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+    """Every generation's candidates (P, n) and the returns they were selected by (P,), from an
+    evolve checkpoint (the history a resume replays), and the config that made them."""
+    ck = load_checkpoint(path)
+    if "candidates" not in ck.model:
+        raise UserError(f"{ck.path}: not an evolve checkpoint (no candidate history)")
+    candidates = [x.double().numpy() for x in ck.model["candidates"]]
+    returns = [-f.double().numpy() for f in ck.model["fitness"]]  # fitness = -return
+    return candidates, returns, ck.config

@@ -113,6 +113,55 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return pearson(_ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64)))
 
 
+def pick_candidates(
+    returns: Sequence[np.ndarray], generations: Sequence[int], per_generation: int
+) -> list[tuple[int, int, int]]:
+    """(generation, rank, index) of CMA-ES candidates to compare: in each generation (counted
+    from 1; none given: four spread from the first to the last), `per_generation` candidates
+    at evenly spaced ranks of the return they were selected by, rank 1 the best."""
+    n_gen = len(returns)
+    if not n_gen:
+        raise UserError("search: the checkpoint holds no generations")
+    gens = list(generations) or sorted({int(g) for g in np.linspace(1, n_gen, 4).round()})
+    bad = [g for g in gens if not 1 <= g <= n_gen]
+    if bad:
+        raise UserError(f"search_generations: {bad} outside the checkpoint's 1..{n_gen}")
+    picks = []
+    for g in gens:
+        order = np.argsort(-np.asarray(returns[g - 1]), kind="stable")  # best first
+        size = len(order)
+        for r in sorted({int(r) for r in np.linspace(0, size - 1, min(per_generation, size))}):
+            picks.append((g, r + 1, int(order[r])))
+    return picks
+
+
+def search_agreement(
+    generations: Sequence[int],
+    recorded: Sequence[float],
+    dream: Sequence[float],
+    real: Sequence[float],
+) -> dict[str, Any]:
+    """How well dreams rank CMA-ES candidates as the real env does.
+
+    recorded: each candidate's return when CMA-ES selected it (its own dream starts and
+    length); dream / real: its mean return in this measure's dreams and real tracks.
+    Returns the Spearman of both dream figures against the real one over all candidates, and
+    the mean within-generation Spearman of the recorded one (what CMA-ES's selection acts on).
+    """
+    gens = np.asarray(generations)
+    rec, real = np.asarray(recorded, float), np.asarray(real, float)
+    within = [
+        spearman(rec[gens == g], real[gens == g]) for g in np.unique(gens) if (gens == g).sum() >= 3
+    ]
+    within = [w for w in within if not math.isnan(w)]
+    return {
+        "candidates": len(rec),
+        "spearman": round(spearman(dream, real), 3),
+        "recorded_spearman": round(spearman(rec, real), 3),
+        "within_generation": round(float(np.mean(within)), 3) if within else None,
+    }
+
+
 @dataclass
 class FidelityResult:
     """Dream vs real returns (and end rates) per policy, and how well the dream ranks them."""
@@ -215,6 +264,14 @@ class FidelityResult:
             f"Spearman {self.spearman:.3f} (90% bootstrap interval over tracks {lo:.2f} to "
             f"{hi:.2f}), Pearson {self.pearson:.3f} over {len(self.names)} policies."
         )
+        search = self.extra.get("search")
+        if search:
+            lines.append(
+                f"\nCMA-ES candidates ({search['candidates']}): Spearman against the real "
+                f"returns {search['spearman']:.3f} for these dreams, "
+                f"{search['recorded_spearman']:.3f} for the return CMA-ES selected them by; "
+                f"within a generation {search['within_generation']}."
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -628,6 +685,17 @@ class FidelityConfig(RunConfig):
         list(FIXED_POLICIES), f"fixed policies to compare, some of: {', '.join(FIXED_POLICIES)}"
     )
     controllers: list[str] = setting([], "controller checkpoints to compare as well")
+    search: str = setting(
+        "",
+        "a controller checkpoint whose CMA-ES candidates to compare as well: does the dream "
+        "rank the controllers evolution chooses between as the real env does?",
+    )
+    search_generations: list[int] = setting(
+        [], "generations (from 1) to take candidates from (default: four from first to last)"
+    )
+    search_per_generation: int = setting(
+        4, "candidates per generation, at evenly spaced ranks of their recorded return", min=1
+    )
     tracks: int = setting(16, "real tracks, and dream start states taken from them", min=2)
     horizon: int = setting(300, "steps each policy drives, in the dream and for real", min=1)
     warmup: int = setting(50, "steps of the warm-up action before a policy takes over", min=1)
@@ -654,6 +722,8 @@ class FidelityConfig(RunConfig):
             raise UserError("warmup_action: expected 3 numbers [steer, gas, brake]")
         if not self.horizons or min(self.horizons) < 1:
             raise UserError("horizons: expected positive step counts")
+        if len(self.policies) + len(self.controllers) < 2 and not self.search:
+            raise UserError("policies, controllers, search: need at least two policies to rank")
 
 
 def _stage_dir(path: str | Path) -> Path:
@@ -689,7 +759,7 @@ def main(cfg: FidelityConfig) -> int:
     from rollouts.collect import make_env, preprocess
     from worldmodels.agent import WorldModelAgent, load_agent_parts
     from worldmodels.controller import ControllerSpec
-    from worldmodels.evolve import load_controller_params
+    from worldmodels.evolve import load_controller_params, load_search_history
     from worldmodels.iterate import last_round_checkpoints
     from worldmodels.latents import LatentStore
     from worldmodels.mdnrnn import reward_targets
@@ -705,12 +775,8 @@ def main(cfg: FidelityConfig) -> int:
     )
     m_cfg = checkpoint_config(m_path)  # M itself came with the agent parts above
     policies = [fixed_policy(n) for n in cfg.policies]
-    for i, path in enumerate(cfg.controllers):
-        params, c_cfg = load_controller_params(Path(path), "auto")
-        c_spec = ControllerSpec(
-            spec.z_dim, spec.hidden if c_cfg.get("observe_hidden", True) else 0, spec.action_dim
-        )
-        policies.append(PolicySpec(f"controller_{i + 1}", "controller", None, params, c_spec))
+
+    def controller(name: str, params: np.ndarray, c_cfg: dict, path: str) -> PolicySpec:
         trained_with = c_cfg.get("mdnrnn") or str(
             Path(c_cfg["runs_dir"], c_cfg["run_name"], "mdnrnn")
         )
@@ -720,6 +786,21 @@ def main(cfg: FidelityConfig) -> int:
                 f"fidelity: {path} was evolved with M {trained_with}, not {m_path}; its real and "
                 "dream returns here are those of C on this M's hidden state"
             )
+        c_spec = ControllerSpec(
+            spec.z_dim, spec.hidden if c_cfg.get("observe_hidden", True) else 0, spec.action_dim
+        )
+        return PolicySpec(name, "controller", None, params, c_spec)
+
+    for i, path in enumerate(cfg.controllers):
+        params, c_cfg = load_controller_params(Path(path), "auto")
+        policies.append(controller(f"controller_{i + 1}", params, c_cfg, path))
+    searched: list[tuple[int, float]] = []  # (generation, recorded return) per search policy
+    if cfg.search:
+        candidates, returns, c_cfg = load_search_history(Path(cfg.search))
+        picks = pick_candidates(returns, cfg.search_generations, cfg.search_per_generation)
+        for g, rank, i in picks:
+            policies.append(controller(f"g{g}_r{rank}", candidates[g - 1][i], c_cfg, cfg.search))
+            searched.append((g, float(returns[g - 1][i])))
 
     def encode(obs_list: list[np.ndarray]) -> torch.Tensor:
         x = np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs_list])
@@ -802,6 +883,14 @@ def main(cfg: FidelityConfig) -> int:
         step, episodes, mdnrnn.config.hidden, cfg.horizons, cfg.context, seed=cfg.seed
     )
     result.extra["open_loop"] = diag
+    if searched:
+        first = len(policies) - len(searched)
+        result.extra["search"] = search_agreement(
+            [g for g, _ in searched],
+            [r for _, r in searched],
+            result.dream_mean[first:],
+            result.real_mean[first:],
+        )
 
     out = run.dir / (cfg.name or f"tau{cfg.temperature:g}")
     out.mkdir(parents=True, exist_ok=True)
@@ -840,6 +929,11 @@ def main(cfg: FidelityConfig) -> int:
         f"Pearson {result.pearson:.3f}; "
         f"reward response {result.extra['reward_response']}; open loop {diag}; written to {out}"
     )
+    if searched:
+        run.log.info(
+            f"fidelity: CMA-ES candidates of {cfg.search} {result.extra['search']}: Spearman "
+            "of this measure's dream and of the return CMA-ES selected by, against the real one"
+        )
     print(json.dumps(summary))
     run.close()
     return 0
