@@ -14,10 +14,16 @@ Needs a finished run of the small pipeline (`wm pipeline --config configs/carrac
 2. `wm evaluate` (worldmodels.evaluate.main): the controller, constant full gas and uniform random
    actions over the same `--episodes` real tracks of 1,000 steps: mean and std of each.
 
+With `--search`, step 1 also ranks 8 of the controller's own CMA-ES candidates (the best, two
+middle and the worst of its middle and last generations, by the dream return CMA-ES selected
+them by) in the dream and for real: the ranking evolution relies on, which tells dreams that
+evolve a driver from dreams that do not where the fixed policies cannot (docs/results/fidelity).
+
 Last line: one JSON object. Real returns of the fixed policies are cached under runs/, so a second
 run costs only the dream side and the evaluation.
 
     python benchmarks/dream_fidelity.py [--config configs/carracing_small.yaml] [--episodes 20]
+                                        [--search] [run_name=<run>]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from gen_core.config import load_config
 from worldmodels.cli import SECTIONS
 from worldmodels.evaluate import EvaluateConfig
 from worldmodels.evaluate import main as evaluate
+from worldmodels.evolve import load_search_history
 from worldmodels.fidelity import FidelityConfig
 from worldmodels.fidelity import main as fidelity
 from worldmodels.iterate import last_round_checkpoints
@@ -44,6 +51,12 @@ def main() -> None:
     p.add_argument("--horizon", type=int, default=300)
     p.add_argument(
         "--controller", default="", help="controller checkpoint (default: the run's last round)"
+    )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="also rank 8 of the controller's CMA-ES candidates (4 from its middle and 4 from its "
+        "last generation) in the dream and the real env: ~3 more minutes",
     )
     p.add_argument("overrides", nargs="*", help="key=value settings shared by both stages")
     args = p.parse_args()
@@ -64,6 +77,11 @@ def main() -> None:
     if not controller.exists():
         raise SystemExit(f"{controller} not found: run the pipeline first")
     fcfg.controllers = [str(controller)]
+    if args.search:
+        generations = len(load_search_history(controller)[1])
+        fcfg.search = str(controller)
+        fcfg.search_generations = sorted({max(1, generations // 2), generations})
+        fcfg.search_per_generation = 4
     fcfg.mdnrnn = fcfg.mdnrnn or str(mdnrnn)
     fidelity(fcfg)
     fid = json.loads((fcfg.run_dir / "fidelity" / "benchmark" / "fidelity.json").read_text())
@@ -112,6 +130,9 @@ def main() -> None:
             for policy in ("stop", "gas_0.5", "full_gas")
             if (key := f"{side}_end_{policy}") in fid
         },
+        # With --search: Spearman against the real env of the candidates' returns in this
+        # dream, of the returns CMA-ES selected them by, and of the latter within a generation.
+        **{f"search_{k}": v for k, v in fid.get("search", {}).items()},
         "dream_controller": fid["dream_controller_1"],
         "real_controller_300_steps": fid["real_controller_1"],
         "controller_real_mean": round(scores["controller"]["mean"], 2),

@@ -161,11 +161,13 @@ def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
     ]
     assert wm(args) == 0
     out = json.loads((run / "fidelity" / "tau1" / "fidelity.json").read_text())
-    # 3 fixed, the controller, and the best and worst candidate of generations 1 and 2.
-    assert out["policies"] == 8 and -1 <= out["spearman"] <= 1
-    names = [row["policy"] for row in out["table"]]
-    assert names[4:] == ["g1_r1", "g1_r4", "g2_r1", "g2_r4"]  # population 4
+    # 3 fixed and the controller; apart, the best and worst candidate of generations 1 and 2.
+    assert out["policies"] == 4 and -1 <= out["spearman"] <= 1
+    names = [row["policy"] for row in out["search_table"]]
+    assert names == ["g1_r1", "g1_r4", "g2_r1", "g2_r4"]  # population 4
     assert out["search"]["candidates"] == 4 and -1 <= out["search"]["recorded_spearman"] <= 1
+    assert Image.open(run / "fidelity" / "tau1" / "search.png").size == (640, 480)
+    assert "CMA-ES candidates" in (run / "fidelity" / "tau1" / "fidelity.md").read_text()
     assert out["real_stop"] == -1.2  # 12 standing steps at -0.1
     assert {"z_mse_1", "z_mse_3", "reward_mae_3"} <= set(out["open_loop"])
     assert Image.open(run / "fidelity" / "tau1" / "fidelity.png").size == (640, 480)

@@ -212,6 +212,11 @@ def test_result_reports_end_rates_when_measured():
     assert "| --- | --- | --- | --- | --- | --- |" in md
     assert "| a | 2.0 ± 1.0 | 0.0 ± 0.0 | +2.0 | 50% | 100% |" in md
     assert "| b | 5.0 ± 0.0 | 11.0 ± 1.0 | -6.0 | 0% | 50% |" in md
+    # Splitting keeps each policy's rows; the extra figures stay with the first part.
+    r.extra["note"] = 1
+    head, tail = r.split(1)
+    assert head.names == ["a"] and tail.names == ["b"] and head.extra == {"note": 1}
+    assert tail.extra == {} and tail.table() == rows[1:] and head.table() == rows[:1]
     # Without ends (e.g. real returns passed in alone) only the measured side is reported.
     dream_only = FidelityResult(["a", "b"], dream, real, {}, dream_ended)
     assert "dream_end_a" in dream_only.summary() and "real_end_a" not in dream_only.summary()

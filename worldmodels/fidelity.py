@@ -213,6 +213,24 @@ class FidelityResult:
         lo, hi = np.quantile(rhos, [(1 - level) / 2, (1 + level) / 2])
         return float(lo), float(hi)
 
+    def split(self, first: int) -> tuple[FidelityResult, FidelityResult]:
+        """(the first `first` policies, with `extra`; the rest, without)."""
+
+        def part(rows: slice, extra: dict[str, Any]) -> FidelityResult:
+            def cut(a):
+                return None if a is None else np.asarray(a)[rows]
+
+            return FidelityResult(
+                self.names[rows],
+                self.dream[rows],
+                self.real[rows],
+                extra,
+                cut(self.dream_ended),
+                cut(self.real_ended),
+            )
+
+        return part(slice(0, first), self.extra), part(slice(first, None), {})
+
     def table(self) -> list[dict[str, Any]]:
         ends = self._end_rates()
         rows = []
@@ -722,8 +740,8 @@ class FidelityConfig(RunConfig):
             raise UserError("warmup_action: expected 3 numbers [steer, gas, brake]")
         if not self.horizons or min(self.horizons) < 1:
             raise UserError("horizons: expected positive step counts")
-        if len(self.policies) + len(self.controllers) < 2 and not self.search:
-            raise UserError("policies, controllers, search: need at least two policies to rank")
+        if len(self.policies) + len(self.controllers) < 2:
+            raise UserError("policies, controllers: need at least two policies to rank")
 
 
 def _stage_dir(path: str | Path) -> Path:
@@ -856,6 +874,9 @@ def main(cfg: FidelityConfig) -> int:
         real_ended=real_ended,
     )
 
+    # The candidates get their own ranking: mixed with the fixed policies they would drown it.
+    result, candidates = result.split(len(policies) - len(searched))
+
     # M's open-loop diagnostics on the episodes M held out (V's split rule).
     latents = LatentStore(cfg.path(cfg.latents, "latents"))
     indices = latents.indices()
@@ -884,12 +905,11 @@ def main(cfg: FidelityConfig) -> int:
     )
     result.extra["open_loop"] = diag
     if searched:
-        first = len(policies) - len(searched)
         result.extra["search"] = search_agreement(
             [g for g, _ in searched],
             [r for _, r in searched],
-            result.dream_mean[first:],
-            result.real_mean[first:],
+            candidates.dream_mean,
+            candidates.real_mean,
         )
 
     out = run.dir / (cfg.name or f"tau{cfg.temperature:g}")
@@ -901,23 +921,28 @@ def main(cfg: FidelityConfig) -> int:
         "horizon": cfg.horizon,
         **result.summary(),
     }
-    atomic_write_text(
-        out / "fidelity.json",
-        json.dumps({**summary, "table": result.table()}, indent=2) + "\n",
-    )
-    atomic_write_text(out / "fidelity.md", result.markdown())
-    scatter_chart(
-        out / "fidelity.png",
-        {
-            n: (float(x), float(y))
-            for n, x, y in zip(result.names, result.real_mean, result.dream_mean)
-        },
-        f"dream (tau {cfg.temperature:g}) vs real, {cfg.horizon} steps, {cfg.tracks} tracks: "
-        f"Spearman {result.spearman:.2f}",
-        xlabel="real mean return",
-        ylabel="dream mean return (grey line: dream = real)",
-    )
-    for row in result.table():
+    tables = {"table": result.table()}
+    markdown = result.markdown()
+    if searched:
+        tables["search_table"] = candidates.table()
+        markdown += f"\n### CMA-ES candidates of {cfg.search}\n\n{candidates.markdown()}"
+    atomic_write_text(out / "fidelity.json", json.dumps({**summary, **tables}, indent=2) + "\n")
+    atomic_write_text(out / "fidelity.md", markdown)
+    for png, part, what in [("fidelity", result, "")] + (
+        [("search", candidates, "CMA-ES candidates, ")] if searched else []
+    ):
+        scatter_chart(
+            out / f"{png}.png",
+            {
+                n: (float(x), float(y))
+                for n, x, y in zip(part.names, part.real_mean, part.dream_mean)
+            },
+            f"{what}dream (tau {cfg.temperature:g}) vs real, {cfg.horizon} steps, "
+            f"{cfg.tracks} tracks: Spearman {part.spearman:.2f}",
+            xlabel="real mean return",
+            ylabel="dream mean return (grey line: dream = real)",
+        )
+    for row in tables["table"] + tables.get("search_table", []):
         run.log.info(
             f"fidelity {row['policy']:>14}: dream {row['dream_mean']:8.1f}  real "
             f"{row['real_mean']:8.1f}  gap {row['gap']:+8.1f}  ends: dream "
