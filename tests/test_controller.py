@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from gen_core.checkpoint import load_checkpoint
+from gen_core.checkpoint import load_checkpoint, save_checkpoint
+from gen_core.errors import UserError
 from worldmodels.controller import BatchController, ControllerSpec, controller_obs
-from worldmodels.evolve import ESSettings, evolve
+from worldmodels.evolve import ESSettings, evolve, load_search_history
 
 
 def test_default_controller_has_the_paper_size_and_action_ranges():
@@ -88,3 +89,21 @@ def test_resume_after_a_kill_gives_the_same_run(tmp_path):
     np.testing.assert_array_equal(resumed.best_params, straight.best_params)
     np.testing.assert_array_equal(resumed.mean_params, straight.mean_params)
     assert resumed.history["best"] == straight.history["best"]
+
+
+def test_search_history_gives_every_candidate_and_its_return(tmp_path):
+    seen = []
+
+    def recorded(candidates, generation):
+        seen.append((candidates.copy(), quadratic_returns(candidates, generation)))
+        return seen[-1][1]
+
+    evolve(6, recorded, settings(3), tmp_path / "es", {}, show_progress=False)
+    candidates, returns, config = load_search_history(tmp_path / "es")
+    assert len(candidates) == len(returns) == 3 and config["n_params"] == 6
+    for (x, r), got_x, got_r in zip(seen, candidates, returns):
+        np.testing.assert_array_equal(got_x, x)
+        np.testing.assert_allclose(got_r, r)  # returns, not cma's fitness = -return
+    save_checkpoint(tmp_path / "other", 1, {"w": torch.zeros(2)}, {}, {})
+    with pytest.raises(UserError, match="not an evolve checkpoint"):
+        load_search_history(tmp_path / "other")
