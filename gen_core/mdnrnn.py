@@ -3,7 +3,10 @@
 The memory model M of World Models (Ha & Schmidhuber, 2018, https://arxiv.org/abs/1803.10122),
 after Graves (2013), "Generating Sequences With Recurrent Neural Networks", and Bishop (1994),
 "Mixture Density Networks". The mixture is factored per latent dimension as in World Models:
-each of the `z_dim` dimensions has its own K-component mixture. Optional heads predict the reward
+each of the `z_dim` dimensions has its own K-component mixture. With `joint_mixture` it is one
+K-component mixture of diagonal Gaussians over the whole of z, as in Bishop's MDN: a draw picks
+one component for every dimension, so a sampled z is one coherent mode (per-dimension picks can
+mix parts of different futures into a z no frame has). Optional heads predict the reward
 of the transition just taken and whether the episode ends, so M alone can serve as a dream env.
 
 Sampling temperature tau, exactly as World Models: mixture logits are divided by tau and each
@@ -30,7 +33,8 @@ class MDNRNNConfig:
     z_dim: int = 32  # size of the latent z modelled
     action_dim: int = 3  # size of the action fed with each z
     hidden: int = 256  # LSTM hidden units (h and c each)
-    n_mixtures: int = 5  # Gaussians per latent dimension
+    n_mixtures: int = 5  # Gaussians per latent dimension (per z with joint_mixture)
+    joint_mixture: bool = False  # one mixture over all of z instead of one per dimension
     reward_head: bool = True  # predict the reward of each step
     done_head: bool = True  # predict whether each step ends the episode (Bernoulli logit)
     reward_weight: float = 1.0  # weight of the reward MSE in the loss
@@ -42,7 +46,7 @@ class MDNRNNConfig:
 
 @dataclass
 class MDNOutput:
-    logit_pi: torch.Tensor  # (B, T, z_dim, K) mixture logits
+    logit_pi: torch.Tensor  # (B, T, z_dim, K) mixture logits; (B, T, 1, K) with joint_mixture
     mu: torch.Tensor  # (B, T, z_dim, K) component means
     log_sigma: torch.Tensor  # (B, T, z_dim, K) component log-stds
     reward: torch.Tensor | None  # (B, T) predicted reward
@@ -57,9 +61,14 @@ class MDNRNN(nn.Module):
         self.config = config
         c = config
         self.lstm = nn.LSTM(c.z_dim + c.action_dim, c.hidden, batch_first=True)
-        self.mdn = nn.Linear(c.hidden, 3 * c.z_dim * c.n_mixtures)
+        self.mdn = nn.Linear(c.hidden, (self.mixture_rows + 2 * c.z_dim) * c.n_mixtures)
         self.reward = nn.Linear(c.hidden, 1) if c.reward_head else None
         self.done = nn.Linear(c.hidden, 1) if c.done_head else None
+
+    @property
+    def mixture_rows(self) -> int:
+        """Rows of mixture weights: one per latent dimension, or one for all with joint_mixture."""
+        return 1 if self.config.joint_mixture else self.config.z_dim
 
     def initial_state(self, batch: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero (h, c) for a batch, each (1, B, hidden)."""
@@ -87,8 +96,10 @@ class MDNRNN(nn.Module):
         """Mixture, reward and done heads on LSTM outputs `out` (B, T, hidden)."""
         c = self.config
         B, T, _ = out.shape
-        params = self.mdn(out).view(B, T, 3, c.z_dim, c.n_mixtures)  # (B, T, 3, z_dim, K)
-        logit_pi, mu, log_sigma = params.unbind(dim=2)  # each (B, T, z_dim, K)
+        params = self.mdn(out)  # (B, T, (rows + 2 z_dim) K)
+        rows, K = self.mixture_rows, c.n_mixtures
+        logit_pi = params[..., : rows * K].view(B, T, rows, K)  # (B, T, rows, K)
+        mu, log_sigma = params[..., rows * K :].view(B, T, 2, c.z_dim, K).unbind(dim=2)
         log_sigma = log_sigma.clamp(min=c.min_log_sigma)
         reward = self.reward(out).squeeze(-1) if self.reward is not None else None  # (B, T)
         done = self.done(out).squeeze(-1) if self.done is not None else None  # (B, T)
@@ -185,10 +196,15 @@ def mixture_nll(
     """-log sum_k pi_k N(x | mu_k, sigma_k) per dimension.
 
     logit_pi, mu, log_sigma: (..., D, K); x: (..., D). Returns (..., D).
+    A joint mixture has logit_pi (..., 1, K): -log sum_k pi_k prod_d N(x_d | mu_dk, sigma_dk),
+    returned as its per-dimension share (..., D), so the sum over D is the NLL of x either way.
     """
     x = x.unsqueeze(-1)  # (..., D, 1)
     log_norm = -0.5 * ((x - mu) / log_sigma.exp()) ** 2 - log_sigma - LOG_SQRT_2PI  # (..., D, K)
-    log_pi = F.log_softmax(logit_pi, dim=-1)  # (..., D, K)
+    log_pi = F.log_softmax(logit_pi, dim=-1)  # (..., D or 1, K)
+    if logit_pi.shape[-2] == 1 and mu.shape[-2] > 1:
+        joint = -torch.logsumexp(log_pi[..., 0, :] + log_norm.sum(dim=-2), dim=-1)  # (...,)
+        return (joint / mu.shape[-2]).unsqueeze(-1).expand(mu.shape[:-1])  # (..., D)
     return -torch.logsumexp(log_pi + log_norm, dim=-1)  # (..., D)
 
 
@@ -202,14 +218,15 @@ def sample_mixture(
     """Draw x from the per-dimension mixture at a temperature (World Models' rule).
 
     Logits are divided by tau; each component's std is multiplied by sqrt(tau). At tau -> 0 this
-    returns the mean of the most likely component. Shapes (..., D, K) -> (..., D).
+    returns the mean of the most likely component. Shapes (..., D, K) -> (..., D); a joint
+    mixture's logit_pi is (..., 1, K) and its one pick serves every dimension.
 
-    Random draws: one uniform per dimension picks the component, then one normal per dimension
+    Random draws: one uniform per mixture row picks the component, then one normal per dimension
     (`MDNStepper.sample` draws the same, so both give the same samples from one generator).
     """
     # Components on dim -2: softmax and cumsum along a short last dim are several times slower.
-    k = _pick_components(logit_pi.transpose(-1, -2), temperature, generator)  # (..., 1, D)
-    k = k.transpose(-1, -2)  # (..., D, 1)
+    k = _pick_components(logit_pi.transpose(-1, -2), temperature, generator)  # (..., 1, D or 1)
+    k = k.transpose(-1, -2).expand(*mu.shape[:-1], 1)  # (..., D, 1)
     mean = mu.gather(-1, k).squeeze(-1)  # (..., D)
     if temperature <= 0:
         return mean
@@ -219,10 +236,10 @@ def sample_mixture(
 def _pick_components(
     logit_pi: torch.Tensor, temperature: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Index of the mixture component drawn per dimension at `temperature`: logits (..., K, D)
-    -> (..., 1, D) int64; the likeliest component at temperature 0 (no draw).
+    """Index of the mixture component drawn per row at `temperature`: logits (..., K, R)
+    -> (..., 1, R) int64; the likeliest component at temperature 0 (no draw).
 
-    Inverse-CDF sampling with one uniform per dimension: far cheaper than `torch.multinomial`
+    Inverse-CDF sampling with one uniform per row: far cheaper than `torch.multinomial`
     over many rows of K (which dominated a dream step), same distribution.
     """
     if temperature <= 0:
@@ -267,8 +284,8 @@ class MDNStepper:
     @torch.no_grad()
     def __init__(self, model: MDNRNN, dtype: torch.dtype = torch.float32):
         c = model.config
-        H, D, K = c.hidden, c.z_dim, c.n_mixtures
-        self.config, self.dtype = c, dtype
+        H, D, K, R = c.hidden, c.z_dim, c.n_mixtures, model.mixture_rows
+        self.config, self.dtype, self.rows = c, dtype, R
         lstm = model.lstm
         # Gates from PyTorch's order (i, f, g, o) to (i, f, o, g), the cell input g's rows
         # doubled: tanh(x) = 2 sigmoid(2x) - 1, and one sigmoid over all gates is much cheaper
@@ -282,24 +299,27 @@ class MDNStepper:
         self.w_gates = (w[order] * scale).to(dtype)  # (4H, z + a + H)
         b = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[order] * scale[:, 0]
         self.b_gates = b.to(dtype)  # (4H,)
-        # Head rows: logits as (K, D), then (mu, log_sigma) as (K, 2, D), so reductions over
-        # components run along whole D-rows and the picked pair is one gather; then reward and
-        # done where those heads exist.
-        mdn_w = model.mdn.weight.view(3, D, K, H)
-        mdn_b = model.mdn.bias.view(3, D, K)
+        # Head rows: logits as (K, R) (R = D, or 1 for a joint mixture), then (mu, log_sigma) as
+        # (K, 2, D), so reductions over components run along whole rows and the picked pair is
+        # one gather; then reward and done where those heads exist.
+        logit_w = model.mdn.weight[: R * K].view(R, K, H)
+        pair_w = model.mdn.weight[R * K :].view(2, D, K, H)
+        logit_b = model.mdn.bias[: R * K].view(R, K)
+        pair_b = model.mdn.bias[R * K :].view(2, D, K)
         ws = [
-            mdn_w[0].transpose(0, 1).reshape(K * D, H),  # (K D, H) logits
-            mdn_w[1:].permute(2, 0, 1, 3).reshape(2 * K * D, H),  # (K 2 D, H) mu, log_sigma
+            logit_w.transpose(0, 1).reshape(K * R, H),  # (K R, H) logits
+            pair_w.permute(2, 0, 1, 3).reshape(2 * K * D, H),  # (K 2 D, H) mu, log_sigma
         ]
-        bs = [mdn_b[0].t().reshape(K * D), mdn_b[1:].permute(2, 0, 1).reshape(2 * K * D)]
+        bs = [logit_b.t().reshape(K * R), pair_b.permute(2, 0, 1).reshape(2 * K * D)]
         for head in (model.reward, model.done):
             if head is not None:
                 ws.append(head.weight)  # (1, H)
                 bs.append(head.bias)  # (1,)
-        self.w_head = torch.cat(ws).to(dtype)  # (3 K D [+ 1] [+ 1], H)
+        self.w_head = torch.cat(ws).to(dtype)  # (K R + 2 K D [+ 1] [+ 1], H)
         self.b_head = torch.cat(bs).to(dtype)
-        self.reward_col = 3 * K * D if model.reward is not None else None
-        self.done_col = 3 * K * D + (model.reward is not None) if model.done is not None else None
+        n_mdn = K * R + 2 * K * D
+        self.reward_col = n_mdn if model.reward is not None else None
+        self.done_col = n_mdn + (model.reward is not None) if model.done is not None else None
 
     def lstm(
         self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor, c: torch.Tensor
@@ -313,7 +333,7 @@ class MDNStepper:
         return o * tanh_c, c
 
     def heads(self, h: torch.Tensor) -> torch.Tensor:
-        """All head outputs for h (B, hidden): (B, 3 K D [+ 1] [+ 1]) float32."""
+        """All head outputs for h (B, hidden): (B, K R + 2 K D [+ 1] [+ 1]) float32."""
         return torch.addmm(self.b_head, h.to(self.dtype), self.w_head.t()).float()
 
     def sample(
@@ -324,11 +344,11 @@ class MDNStepper:
     ) -> torch.Tensor:
         """z_{t+1} (B, D) drawn from head outputs `out` as `sample_mixture` draws it."""
         c = self.config
-        D, K = c.z_dim, c.n_mixtures
+        D, K, R = c.z_dim, c.n_mixtures, self.rows
         B = out.shape[0]
-        logit_pi = out[:, : K * D].view(B, K, D)
-        pairs = out[:, K * D : 3 * K * D].view(B, K, 2, D)  # (mu, log_sigma) per component
-        k = _pick_components(logit_pi, temperature, generator)  # (B, 1, D)
+        logit_pi = out[:, : K * R].view(B, K, R)
+        pairs = out[:, K * R : K * R + 2 * K * D].view(B, K, 2, D)  # (mu, log_sigma) per component
+        k = _pick_components(logit_pi, temperature, generator).expand(B, 1, D)  # (B, 1, D)
         picked = pairs.gather(1, k.unsqueeze(2).expand(B, 1, 2, D))[:, 0]  # (B, 2, D)
         if temperature <= 0:
             return picked[:, 0]

@@ -41,6 +41,56 @@ def test_mixture_nll_matches_hand_computation():
     assert torch.allclose(got, torch.tensor([expected]), atol=1e-6)
 
 
+def test_joint_mixture_shapes_and_nll_match_hand_computation():
+    m = small(joint_mixture=True)
+    out = m(torch.randn(5, 7, 4), torch.randn(5, 7, 2))
+    assert out.logit_pi.shape == (5, 7, 1, 3)  # one set of weights for all of z
+    assert out.mu.shape == out.log_sigma.shape == (5, 7, 4, 3)
+    assert m.sample(out).shape == (5, 7, 4)
+    # The same per-dimension weights the factored model's linear layer would give it, minus D-1.
+    factored = small()
+    assert sum(p.numel() for p in factored.parameters()) - sum(
+        p.numel() for p in m.parameters()
+    ) == (4 - 1) * 3 * (16 + 1)
+
+    # -log sum_k pi_k prod_d N(x_d | mu_dk, sigma_dk), shared out over the D = 2 dimensions.
+    logit_pi = torch.tensor([[[0.0, math.log(3.0)]]])  # (1, 1, K=2): pi = (0.25, 0.75)
+    mu = torch.tensor([[[0.0, 2.0], [1.0, -1.0]]])  # (1, D=2, K=2)
+    log_sigma = torch.tensor([[[0.0, math.log(0.5)], [math.log(2.0), 0.0]]])
+    x = torch.tensor([[1.0, 0.5]])
+
+    def normal(x, m, s):
+        return math.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+
+    joint = -math.log(
+        0.25 * normal(1.0, 0.0, 1.0) * normal(0.5, 1.0, 2.0)
+        + 0.75 * normal(1.0, 2.0, 0.5) * normal(0.5, -1.0, 1.0)
+    )
+    got = mixture_nll(logit_pi, mu, log_sigma, x)  # (1, 2)
+    assert got.shape == (1, 2)
+    assert torch.allclose(got.sum(-1), torch.tensor([joint]), atol=1e-6)
+    assert torch.allclose(got[:, 0], got[:, 1])
+
+
+def test_joint_mixture_draws_one_component_for_every_dimension():
+    # Two modes: all of z near -5, or all near +5. Per-dimension picks mix them half the time.
+    n, D = 4000, 6
+    mu = torch.tensor([-5.0, 5.0]).expand(n, D, 2)
+    log_sigma = torch.full((n, D, 2), math.log(0.1))
+    g = torch.Generator().manual_seed(0)
+    joint = sample_mixture(torch.zeros(n, 1, 2), mu, log_sigma, 1.0, generator=g)  # (n, D)
+    same_sign = (joint.sign() == joint[:, :1].sign()).all(dim=1).float().mean()
+    assert same_sign == 1.0
+    assert abs((joint[:, 0] > 0).float().mean().item() - 0.5) < 0.05  # both modes drawn
+    factored = sample_mixture(torch.zeros(n, D, 2), mu, log_sigma, 1.0, generator=g)
+    mixed = (factored.sign() == factored[:, :1].sign()).all(dim=1).float().mean()
+    assert mixed < 0.1  # 2 / 2^6 expected
+    assert torch.equal(
+        sample_mixture(torch.tensor([[[0.0, 1.0]]]), mu[:1], log_sigma[:1], 0.0),
+        torch.full((1, D), 5.0),
+    )
+
+
 def test_loss_weights_and_mask():
     m = small(reward_weight=2.0, done_weight=0.5)
     z, a = torch.randn(2, 3, 4), torch.randn(2, 3, 2)
@@ -120,12 +170,13 @@ def test_sample_mixture_draws_components_with_tempered_weights():
         assert abs(spread.item() - 0.1 * math.sqrt(tau)) < 0.005
 
 
+@pytest.mark.parametrize("joint", [False, True])
 @pytest.mark.parametrize("heads", [True, False])
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0, 1.3])
-def test_stepper_equals_step_and_sample_mixture(heads, temperature):
+def test_stepper_equals_step_and_sample_mixture(heads, temperature, joint):
     """The fused rollout step is `MDNRNN.step` + `sample_mixture`, same generator draws."""
     torch.manual_seed(0)
-    m = small(reward_head=heads, done_head=heads)
+    m = small(reward_head=heads, done_head=heads, joint_mixture=joint)
     fast = m.stepper()
     B = 5
     z, h, c = torch.randn(B, 4), torch.randn(B, 16), torch.randn(B, 16)

@@ -166,6 +166,22 @@ def test_training_lowers_heldout_nll_and_resumes(tmp_path):
     assert out.mu.shape == (1, 3, Z, 2)
 
 
+def test_joint_mixture_trains_loads_and_refuses_a_factored_resume(tmp_path, capsys):
+    write_latents(tmp_path / "lat")
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=1, joint_mixture=True)) == 0
+    first = load_checkpoint(tmp_path / "m" / "mdnrnn" / "checkpoints")
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=6, joint_mixture=True)) == 0
+    last = load_checkpoint(tmp_path / "m" / "mdnrnn" / "checkpoints")
+    assert last.state["metrics"]["nll"] < first.state["metrics"]["nll"] - 0.5
+    model, _ = load_mdnrnn(tmp_path / "m" / "mdnrnn")
+    assert model.config.joint_mixture
+    out = model(torch.zeros(1, 3, Z), torch.zeros(1, 3, A))
+    assert out.logit_pi.shape == (1, 3, 1, 2) and out.mu.shape == (1, 3, Z, 2)
+    args = ["train-mdnrnn", f"runs_dir={tmp_path}", "run_name=m", f"latents={tmp_path / 'lat'}"]
+    assert wm(args + ["hidden=32", "n_mixtures=2", "epochs=7", "progress=false"]) == 2
+    assert "joint_mixture is True in the checkpoint but False" in capsys.readouterr().err
+
+
 def test_done_reward_is_what_the_clip_took_from_the_episode_ends(tmp_path):
     store = write_latents(tmp_path / "lat", n=4)
     for i, last in [(0, -100.0), (1, -80.0)]:  # two exits, penalties the clip [-1, 100] cuts

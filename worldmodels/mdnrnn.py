@@ -36,7 +36,7 @@ from worldmodels.latents import LatentStore
 from worldmodels.vae import split_episodes
 
 # Settings that fix the shapes of M's weights: a resume must match them.
-SHAPE_KEYS = ["hidden", "n_mixtures", "reward_target"]
+SHAPE_KEYS = ["hidden", "n_mixtures", "joint_mixture", "reward_target"]
 
 
 @dataclass
@@ -46,7 +46,14 @@ class TrainMDNRNNConfig(RunConfig):
     latents: str = setting("", "latent store from 'wm encode' (default: <run_dir>/latents)")
     out_name: str = setting("mdnrnn", "output folder under the run folder (one per iteration)")
     hidden: int = setting(256, "LSTM hidden units", min=1)
-    n_mixtures: int = setting(5, "Gaussians per latent dimension", min=1)
+    n_mixtures: int = setting(5, "Gaussians per latent dimension (per z with joint_mixture)", min=1)
+    joint_mixture: bool = setting(
+        False,
+        "one mixture over the whole of z (each draw picks one component for every dimension) "
+        "instead of World Models' one per dimension, whose independent picks can stitch parts "
+        "of different futures into a z no frame has (a patch of the playfield's black edge "
+        "that comes and goes, a spin on a straight line; docs/results/fidelity)",
+    )
     reward_weight: float = setting(1.0, "weight of the reward loss", min=0.0)
     done_weight: float = setting(1.0, "weight of the episode-end loss", min=0.0)
     done_pos_weight: float = setting(10.0, "weight of episode-end steps in their loss", min=0.0)
@@ -138,6 +145,7 @@ class TrainMDNRNNConfig(RunConfig):
             action_dim=action_dim,
             hidden=self.hidden,
             n_mixtures=self.n_mixtures,
+            joint_mixture=self.joint_mixture,
             reward_weight=self.reward_weight,
             done_weight=self.done_weight,
             done_pos_weight=self.done_pos_weight,
@@ -483,6 +491,7 @@ def load_mdnrnn(path: str | Path, map_location="cpu") -> tuple[MDNRNN, dict]:
             action_dim=c["action_dim"],
             hidden=c["hidden"],
             n_mixtures=c["n_mixtures"],
+            joint_mixture=c.get("joint_mixture", False),
             done_reward=c.get("dream_done_reward", 0.0),
         )
     )
