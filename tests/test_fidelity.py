@@ -38,6 +38,7 @@ from worldmodels.fidelity import (
     pearson,
     pick_candidates,
     play_from_warmup,
+    policy_strip,
     real_returns,
     reward_response,
     rollout_outcomes,
@@ -586,3 +587,81 @@ def test_cli_rejects_unknown_policy_with_one_line(tmp_path, monkeypatch, capsys)
     assert err.startswith("wm fidelity: error: policies: unknown policy 'nope'"), err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing was started
+
+
+# ---------------------------------------------------------------------------------- pictures
+
+
+def _paint(states) -> np.ndarray:
+    """8x8 tiles whose every pixel is the car's position (floored, clipped to 0..255)."""
+    x = np.clip(np.asarray(states, dtype=np.float64)[:, 0], 0, 255).astype(np.uint8)
+    return np.repeat(x[:, None, None, None], 8, axis=1).repeat(8, axis=2).repeat(3, axis=3)
+
+
+def _tile(picture, row, col):
+    """The inside of one tile (tiles are 8 px plus a 1 px gap on each side; borders are 2 px)."""
+    return picture[row * 10 + 3 : row * 10 + 7, col * 10 + 3 : col * 10 + 7]
+
+
+@pytest.mark.parametrize("name, seed", [("gas_0.5", 10), ("full_gas", 11), ("stop", 12)])
+def test_strip_of_a_perfect_model_shows_the_real_frames_and_ends(name, seed):
+    every, dreams = 25, 2
+    picture = policy_strip(
+        walled_step,
+        encode,
+        lambda z: _paint(z.numpy()),
+        _paint,
+        WalledCar(),
+        fixed_policy(name),
+        seed,
+        HIDDEN,
+        WARMUP,
+        WARMUP_ACTION,
+        horizon=300,
+        every=every,
+        dreams=dreams,
+    )
+    cols = 300 // every + 1
+    assert picture.shape == ((1 + dreams) * 10, cols * 10, 3)
+    _, ended, frames = play_from_warmup(
+        WalledCar(),
+        make_policy("constant", CAR_RACING_ACTIONS, action=list(FIXED_POLICIES[name][1])),
+        seed,
+        WARMUP,
+        np.asarray(WARMUP_ACTION, np.float32),
+        300,
+        keep_all=True,
+    )
+    seen = len(frames) - WARMUP  # frames from the policy's first one, the end's included
+    grey = np.full((4, 4, 3), 128)
+    for col in range(cols):
+        real = _tile(picture, 0, col)
+        if col * every < seen:
+            assert np.array_equal(
+                real, _paint(frames[WARMUP + col * every : WARMUP + col * every + 1])[0, :4, :4]
+            )
+        else:
+            assert np.array_equal(real, grey)
+        for row in range(1, 1 + dreams):  # the perfect dream: the same pictures, the same end
+            assert np.abs(_tile(picture, row, col).astype(int) - real).max() <= 1
+    assert ended == (seen < 301)
+
+
+def test_strip_shows_an_action_blind_dream_drifting_from_reality():
+    picture = policy_strip(
+        action_blind_step(),
+        encode,
+        lambda z: _paint(z.numpy()),
+        _paint,
+        ToyCar(),
+        fixed_policy("stop"),
+        SEEDS[0],
+        HIDDEN,
+        WARMUP,
+        WARMUP_ACTION,
+        horizon=100,
+        every=50,
+        dreams=1,
+    )
+    assert np.array_equal(_tile(picture, 0, 0), _tile(picture, 1, 0))  # the same start
+    assert _tile(picture, 1, 2).min() > _tile(picture, 0, 2).max() + 20  # it drove on

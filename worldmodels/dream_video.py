@@ -42,7 +42,8 @@ class DreamVideoConfig(RunConfig):
     out: str = setting("", "GIF path (default: <run_dir>/dream/dream_ep<N>_t<temperature>.gif)")
 
 
-def _framed(img: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+def framed(img: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """A copy of a picture (H, W, 3) with a 2-pixel border of `colour`."""
     out = img.copy()
     out[:2], out[-2:], out[:, :2], out[:, -2:] = colour, colour, colour, colour
     return out
@@ -73,8 +74,8 @@ def dream_frames(
         s = dream_step(mdnrnn, z, h, c, a[t : t + 1], temperature, g)
         z, h, c = s.z, s.h, s.c
     dream = images_to_uint8(vae.decode(torch.cat(dreamed))) if dreamed else recon[:0]
-    right = [_framed(f, (0, 200, 0)) for f in recon.numpy()]
-    right += [_framed(f, (220, 0, 0)) for f in dream.numpy()]
+    right = [framed(f, (0, 200, 0)) for f in recon.numpy()]
+    right += [framed(f, (220, 0, 0)) for f in dream.numpy()]
     return list(obs[:n]), right
 
 

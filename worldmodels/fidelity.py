@@ -41,7 +41,7 @@ import torch
 from gen_core.checkpoint import checkpoint_config
 from gen_core.config import setting
 from gen_core.errors import UserError
-from gen_core.io import atomic_write_text
+from gen_core.io import atomic_path, atomic_write_text
 from gen_core.plots import scatter_chart
 from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.policies import CorrelatedRandomPolicy, make_policy
@@ -312,15 +312,22 @@ def real_policy(p: PolicySpec, action_space, agent_factory: Callable | None = No
 
 
 def play_from_warmup(
-    env, policy, seed: int, warmup: int, warmup_action: np.ndarray, horizon: int
+    env,
+    policy,
+    seed: int,
+    warmup: int,
+    warmup_action: np.ndarray,
+    horizon: int,
+    keep_all: bool = False,
 ) -> tuple[float, bool, list[np.ndarray]]:
     """Warm up with a fixed action, then let `policy` drive `horizon` steps.
 
     Returns the return over the policy's steps, whether the env terminated the episode within
     them (a time-limit truncation is not an end: the dream has no time limit to foresee), and the
-    warm-up observations (warmup + 1 frames, the last being the one the policy first sees). A
-    policy with `observe(obs, action)` (the World Models agent) sees the warm-up frames too, so
-    its M state matches the dream's start.
+    warm-up observations (warmup + 1 frames, the last being the one the policy first sees; with
+    `keep_all`, every frame the policy saw after it as well). A policy with
+    `observe(obs, action)` (the World Models agent) sees the warm-up frames too, so its M state
+    matches the dream's start.
     """
     obs, _ = env.reset(seed=seed)
     if hasattr(policy, "reset"):
@@ -337,6 +344,8 @@ def play_from_warmup(
     for _ in range(horizon):
         obs, reward, terminated, truncated, _ = env.step(policy(obs))
         total += float(reward)
+        if keep_all:
+            frames.append(obs)
         if terminated or truncated:
             ended = bool(terminated)
             break
@@ -535,6 +544,62 @@ def mdnrnn_step(model, temperature: float, done_threshold: float = 0.5) -> StepF
     return step
 
 
+@torch.no_grad()
+def policy_strip(
+    step: StepFn,
+    encode: Callable[[list[np.ndarray]], torch.Tensor],
+    decode: Callable[[torch.Tensor], np.ndarray],
+    show: Callable[[list[np.ndarray]], np.ndarray],
+    env,
+    policy: PolicySpec,
+    seed: int,
+    hidden: int,
+    warmup: int = 50,
+    warmup_action: Sequence[float] = (0.0, 0.0, 0.0),
+    horizon: int = 300,
+    every: int = 20,
+    dreams: int = 3,
+    dream_seed: int = 0,
+) -> np.ndarray:
+    """A picture of one policy on one track: the real frames (top row, green frames) over
+    `dreams` dreams of the same policy from the same start (red frames), a column every `every`
+    steps from the frame the policy first sees. After an end (real or dreamed) a row is grey.
+
+    `show` turns real observations into pictures, `decode` latents (N, z_dim) into pictures;
+    both give uint8 (N, H, W, 3) of one size. Returns the picture, uint8 (rows, cols, 3).
+    """
+    from worldmodels.dream_video import framed
+
+    real_act = real_policy(policy, env.action_space)
+    warm = np.asarray(warmup_action, dtype=np.float32)
+    _, _, frames = play_from_warmup(env, real_act, seed, warmup, warm, horizon, keep_all=True)
+    start = start_states_from_frames(step, [encode(frames[: warmup + 1])], warmup_action, hidden)
+    z, h, c = (x.repeat(dreams, 1) for x in start)  # (dreams, .)
+    g = torch.Generator().manual_seed(dream_seed)
+    act = dream_policy(
+        policy, dreams, env.action_space, g, [dream_seed * 1000 + i for i in range(dreams)]
+    )
+    cols = list(range(0, horizon + 1, every))
+    picked, shown = {0: z}, {0: torch.ones(dreams, dtype=torch.bool)}
+    alive = torch.ones(dreams, dtype=torch.bool)  # (dreams,)
+    for t in range(1, horizon + 1):
+        s = step(z, h, c, act(z, h), g)
+        if t in cols:  # the frame a dream ends on is shown, none after it
+            picked[t], shown[t] = s.z, alive.clone()
+        alive &= ~s.done
+        z, h, c = s.z, s.h, s.c
+    dreamed = decode(torch.cat([picked[t] for t in cols]))  # (cols * dreams, H, W, 3)
+    dreamed = dreamed.reshape(len(cols), dreams, *dreamed.shape[1:])
+    real = show(frames[warmup:])  # (steps seen + 1, H, W, 3)
+    grey = np.full_like(dreamed[0, 0], 128)
+    rows = [[framed(real[t], (0, 200, 0)) if t < len(real) else grey for t in cols]]
+    for i in range(dreams):
+        row = [framed(dreamed[j, i], (220, 0, 0)) for j in range(len(cols))]
+        rows.append([f if shown[t][i] else grey for f, t in zip(row, cols)])
+    gap = lambda a: np.pad(a, ((1, 1), (1, 1), (0, 0)), constant_values=255)  # noqa: E731
+    return np.concatenate([np.concatenate([gap(f) for f in row], axis=1) for row in rows])
+
+
 # ---------------------------------------------------------------------------------- M diagnostics
 
 
@@ -731,10 +796,17 @@ class FidelityConfig(RunConfig):
     )
     ray_address: str | None = setting(None, "existing Ray cluster address (default: local)")
     name: str = setting("", "output folder under <run_dir>/fidelity/ (default: tau<temperature>)")
+    strip: list[str] = setting(
+        ["gas_0.5", "full_gas"],
+        "fixed policies drawn in strip.png: on the first track, the real frames over "
+        "strip_dreams decoded dreams of the same policy from the same start ([]: none)",
+    )
+    strip_every: int = setting(20, "steps between the columns of strip.png", min=1)
+    strip_dreams: int = setting(3, "dreams per policy in strip.png", min=1)
 
     def validate(self) -> None:
         super().validate()
-        for n in self.policies:
+        for n in self.policies + self.strip:
             fixed_policy(n)
         if len(self.warmup_action) != 3:
             raise UserError("warmup_action: expected 3 numbers [steer, gas, brake]")
@@ -773,7 +845,9 @@ def _cached_real(cache: dict[str, Any], key: str | None, tracks: int) -> tuple[l
 
 
 def main(cfg: FidelityConfig) -> int:
-    from gen_core.vae import images_to_float
+    from PIL import Image
+
+    from gen_core.vae import images_to_float, images_to_uint8
     from rollouts.collect import make_env, preprocess
     from worldmodels.agent import WorldModelAgent, load_agent_parts
     from worldmodels.controller import ControllerSpec
@@ -926,6 +1000,36 @@ def main(cfg: FidelityConfig) -> int:
     if searched:
         tables["search_table"] = candidates.table()
         markdown += f"\n### CMA-ES candidates of {cfg.search}\n\n{candidates.markdown()}"
+    if cfg.strip:
+        pictures = [
+            policy_strip(
+                step,
+                encode,
+                lambda z: images_to_uint8(vae.decode(z)).numpy(),
+                lambda obs: np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs]),
+                env_fn(),
+                fixed_policy(n),
+                seeds[0],
+                mdnrnn.config.hidden,
+                cfg.warmup,
+                cfg.warmup_action,
+                cfg.horizon,
+                cfg.strip_every,
+                cfg.strip_dreams,
+                cfg.seed,
+            )
+            for n in cfg.strip
+        ]
+        pad = lambda a: np.pad(a, ((0, 8), (0, 0), (0, 0)), constant_values=255)  # noqa: E731
+        strip = Image.fromarray(np.concatenate([pad(p) for p in pictures]))
+        strip = strip.resize((strip.width * 2, strip.height * 2), Image.Resampling.NEAREST)
+        with atomic_path(out / "strip.png", suffix=".png") as tmp:
+            strip.save(tmp, format="PNG")
+        markdown += (
+            f"\n![real and dreamed frames](strip.png)\n\nstrip.png: {', '.join(cfg.strip)} "
+            f"on the first track; in each, the real frames (green) over {cfg.strip_dreams} "
+            f"dreams (red), every {cfg.strip_every} steps; grey after an end.\n"
+        )
     atomic_write_text(out / "fidelity.json", json.dumps({**summary, **tables}, indent=2) + "\n")
     atomic_write_text(out / "fidelity.md", markdown)
     for png, part, what in [("fidelity", result, "")] + (
