@@ -1021,10 +1021,8 @@ def main(cfg: FidelityConfig) -> int:
             for n in cfg.strip
         ]
         pad = lambda a: np.pad(a, ((0, 8), (0, 0), (0, 0)), constant_values=255)  # noqa: E731
-        strip = Image.fromarray(np.concatenate([pad(p) for p in pictures]))
-        strip = strip.resize((strip.width * 2, strip.height * 2), Image.Resampling.NEAREST)
         with atomic_path(out / "strip.png", suffix=".png") as tmp:
-            strip.save(tmp, format="PNG")
+            Image.fromarray(np.concatenate([pad(p) for p in pictures])).save(tmp, format="PNG")
         markdown += (
             f"\n![real and dreamed frames](strip.png)\n\nstrip.png: {', '.join(cfg.strip)} "
             f"on the first track; in each, the real frames (green) over {cfg.strip_dreams} "
