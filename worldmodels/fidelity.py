@@ -1001,13 +1001,14 @@ def main(cfg: FidelityConfig) -> int:
         tables["search_table"] = candidates.table()
         markdown += f"\n### CMA-ES candidates of {cfg.search}\n\n{candidates.markdown()}"
     if cfg.strip:
+        strip_env = env_fn()
         pictures = [
             policy_strip(
                 step,
                 encode,
                 lambda z: images_to_uint8(vae.decode(z)).numpy(),
                 lambda obs: np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs]),
-                env_fn(),
+                strip_env,
                 fixed_policy(n),
                 seeds[0],
                 mdnrnn.config.hidden,
@@ -1020,6 +1021,7 @@ def main(cfg: FidelityConfig) -> int:
             )
             for n in cfg.strip
         ]
+        strip_env.close()
         pad = lambda a: np.pad(a, ((0, 8), (0, 0), (0, 0)), constant_values=255)  # noqa: E731
         with atomic_path(out / "strip.png", suffix=".png") as tmp:
             Image.fromarray(np.concatenate([pad(p) for p in pictures])).save(tmp, format="PNG")
