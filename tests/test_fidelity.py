@@ -587,6 +587,9 @@ def test_cli_rejects_unknown_policy_with_one_line(tmp_path, monkeypatch, capsys)
     assert err.startswith("wm fidelity: error: policies: unknown policy 'nope'"), err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing was started
+    assert wm(["fidelity", "strip=[gas_0.5,bogus]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wm fidelity: error: strip: unknown policy 'bogus'"), err
 
 
 # ---------------------------------------------------------------------------------- pictures

@@ -806,8 +806,13 @@ class FidelityConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        for n in self.policies + self.strip:
+        for n in self.policies:
             fixed_policy(n)
+        for n in self.strip:
+            if n not in FIXED_POLICIES:
+                raise UserError(
+                    f"strip: unknown policy {n!r}; expected some of {', '.join(FIXED_POLICIES)}"
+                )
         if len(self.warmup_action) != 3:
             raise UserError("warmup_action: expected 3 numbers [steer, gas, brake]")
         if not self.horizons or min(self.horizons) < 1:

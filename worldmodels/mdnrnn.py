@@ -51,8 +51,8 @@ class TrainMDNRNNConfig(RunConfig):
         False,
         "one mixture over the whole of z (each draw picks one component for every dimension) "
         "instead of World Models' one per dimension, whose independent picks can stitch parts "
-        "of different futures into a z no frame has (a patch of the playfield's black edge "
-        "that comes and goes, a spin on a straight line; docs/results/fidelity)",
+        "of different futures into a z no frame has; on CarRacing it removed the dreams' black "
+        "blobs but stalled their slow motion (docs/results/fidelity)",
     )
     reward_weight: float = setting(1.0, "weight of the reward loss", min=0.0)
     done_weight: float = setting(1.0, "weight of the episode-end loss", min=0.0)
