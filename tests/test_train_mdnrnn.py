@@ -182,6 +182,18 @@ def test_joint_mixture_trains_loads_and_refuses_a_factored_resume(tmp_path, caps
     assert "joint_mixture is True in the checkpoint but False" in capsys.readouterr().err
 
 
+def test_checkpoint_from_before_joint_mixture_resumes_as_per_dimension(tmp_path):
+    write_latents(tmp_path / "lat", n=3)
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=1)) == 0
+    ckpt = tmp_path / "m" / "mdnrnn" / "checkpoints"
+    f = load_checkpoint(ckpt).path / "config.yaml"
+    # Drop the key, as a checkpoint written before the setting lacks it.
+    f.write_text("".join(ln for ln in f.read_text().splitlines(True) if "joint_mixture" not in ln))
+    assert "joint_mixture" not in load_checkpoint(ckpt).config
+    assert train_mdnrnn(cfg_for(tmp_path, epochs=2)) == 0
+    assert load_checkpoint(ckpt).step == 2
+
+
 def test_done_reward_is_what_the_clip_took_from_the_episode_ends(tmp_path):
     store = write_latents(tmp_path / "lat", n=4)
     for i, last in [(0, -100.0), (1, -80.0)]:  # two exits, penalties the clip [-1, 100] cuts

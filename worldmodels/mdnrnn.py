@@ -405,7 +405,8 @@ def main(cfg: TrainMDNRNNConfig) -> int:
     start_epoch = 0
     if latest_checkpoint(ckpt_dir) is not None:
         ck = load_checkpoint(ckpt_dir, map_location=device)
-        check_compatible(ck.config, config, SHAPE_KEYS + ["z_dim", "action_dim"], ck.path)
+        saved = {"joint_mixture": False, **ck.config}  # checkpoints from before the setting
+        check_compatible(saved, config, SHAPE_KEYS + ["z_dim", "action_dim"], ck.path)
         model.load_state_dict(ck.model)
         opt.load_state_dict(ck.state["optim"])
         set_rng_state(ck.state["rng"])
