@@ -31,7 +31,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,11 @@ class FidelityResult:
         lo, hi = np.quantile(rhos, [(1 - level) / 2, (1 + level) / 2])
         return float(lo), float(hi)
 
+    @cached_property
+    def spearman_90(self) -> tuple[float, float]:
+        """The default 90% interval, drawn once for the summary and the markdown."""
+        return self.spearman_interval()
+
     def split(self, first: int) -> tuple[FidelityResult, FidelityResult]:
         """(the first `first` policies, with `extra`; the rest, without)."""
 
@@ -251,7 +256,7 @@ class FidelityResult:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "spearman": round(self.spearman, 3),
-            "spearman_90": [round(x, 3) for x in self.spearman_interval()],
+            "spearman_90": [round(x, 3) for x in self.spearman_90],
             "pearson": round(self.pearson, 3),
             "policies": len(self.names),
             "mean_abs_gap": round(float(np.abs(self.gap).mean()), 2),
@@ -277,7 +282,7 @@ class FidelityResult:
                 f"{row['real_mean']:.1f} ± {row['real_std']:.1f} | {row['gap']:+.1f} |{ends}"
             )
         lines.append("")
-        lo, hi = self.spearman_interval()
+        lo, hi = self.spearman_90
         lines.append(
             f"Spearman {self.spearman:.3f} (90% bootstrap interval over tracks {lo:.2f} to "
             f"{hi:.2f}), Pearson {self.pearson:.3f} over {len(self.names)} policies."
@@ -899,8 +904,12 @@ def main(cfg: FidelityConfig) -> int:
             policies.append(controller(f"g{g}_r{rank}", candidates[g - 1][i], c_cfg, cfg.search))
             searched.append((g, float(returns[g - 1][i])))
 
+    def stored_frames(obs_list: list[np.ndarray]) -> np.ndarray:
+        """Env frames as the store keeps them (what V reads): (N, size, size, 3) uint8."""
+        return np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs_list])
+
     def encode(obs_list: list[np.ndarray]) -> torch.Tensor:
-        x = np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs_list])
+        x = stored_frames(obs_list)
         with torch.no_grad():
             return vae.encode(images_to_float(torch.from_numpy(x)))[0]  # (W + 1, z_dim)
 
@@ -1012,7 +1021,7 @@ def main(cfg: FidelityConfig) -> int:
                 step,
                 encode,
                 lambda z: images_to_uint8(vae.decode(z)).numpy(),
-                lambda obs: np.stack([preprocess(o, frames.size, frames.crop_bottom) for o in obs]),
+                stored_frames,
                 strip_env,
                 fixed_policy(n),
                 seeds[0],

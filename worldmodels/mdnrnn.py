@@ -37,6 +37,8 @@ from worldmodels.vae import split_episodes
 
 # Settings that fix the shapes of M's weights: a resume must match them.
 SHAPE_KEYS = ["hidden", "n_mixtures", "joint_mixture", "reward_target"]
+# What checkpoints written before a shape setting existed were trained with.
+SHAPE_DEFAULTS = {"joint_mixture": False}
 
 
 @dataclass
@@ -405,7 +407,7 @@ def main(cfg: TrainMDNRNNConfig) -> int:
     start_epoch = 0
     if latest_checkpoint(ckpt_dir) is not None:
         ck = load_checkpoint(ckpt_dir, map_location=device)
-        saved = {"joint_mixture": False, **ck.config}  # checkpoints from before the setting
+        saved = SHAPE_DEFAULTS | ck.config
         check_compatible(saved, config, SHAPE_KEYS + ["z_dim", "action_dim"], ck.path)
         model.load_state_dict(ck.model)
         opt.load_state_dict(ck.state["optim"])
@@ -485,14 +487,14 @@ def main(cfg: TrainMDNRNNConfig) -> int:
 def load_mdnrnn(path: str | Path, map_location="cpu") -> tuple[MDNRNN, dict]:
     """M from a checkpoint (a step folder, its checkpoints folder or the stage folder)."""
     ck = load_checkpoint(path, map_location=map_location)
-    c = ck.config
+    c = SHAPE_DEFAULTS | ck.config
     model = MDNRNN(
         MDNRNNConfig(
             z_dim=c["z_dim"],
             action_dim=c["action_dim"],
             hidden=c["hidden"],
             n_mixtures=c["n_mixtures"],
-            joint_mixture=c.get("joint_mixture", False),
+            joint_mixture=c["joint_mixture"],
             done_reward=c.get("dream_done_reward", 0.0),
         )
     )
