@@ -122,6 +122,13 @@ class TrainMDNRNNConfig(RunConfig):
         min=0,
     )
     self_feed_temperature: float = setting(1.0, "temperature of the self_feed draws", min=0.0)
+    input_noise: float = setting(
+        0.0,
+        "std of Gaussian noise added to M's z inputs (not its targets) in training, so M learns "
+        "to read the state from its memory rather than from one noisy z, as its own draws are in "
+        "a dream (GameNGen's noise augmentation; 0: none)",
+        min=0.0,
+    )
     heldout_fraction: float = setting(0.05, "fraction of episodes held out", min=0.0, max=0.5)
 
     def validate(self) -> None:
@@ -335,6 +342,13 @@ def training_batches(
     return out
 
 
+def with_input_noise(batch: dict[str, torch.Tensor], std: float) -> dict[str, torch.Tensor]:
+    """The batch with N(0, std^2) noise added to M's z inputs; targets (z_next) untouched."""
+    if std <= 0:
+        return batch
+    return batch | {"z": batch["z"] + std * torch.randn_like(batch["z"])}  # (B, T, z_dim)
+
+
 def self_fed_loss(
     model: MDNRNN,
     batch: dict[str, torch.Tensor],
@@ -443,6 +457,7 @@ def main(cfg: TrainMDNRNNConfig) -> int:
         t0, steps, total, state = time.perf_counter(), 0.0, 0.0, None
         for batch, new_lane in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
+            batch = with_input_noise(batch, cfg.input_noise)
             out = model(batch["z"], batch["actions"], None if new_lane else state)
             terms = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
             if cfg.self_feed:
