@@ -11,6 +11,7 @@ from worldmodels.mdnrnn import (
     Episode,
     TrainMDNRNNConfig,
     done_targets,
+    free_run_inputs,
     load_mdnrnn,
     make_chunks,
     reward_targets,
@@ -147,6 +148,24 @@ def test_z_noise_scales_the_posterior_draw():
         ch = make_chunks([ep], 50, np.random.default_rng(0), True, False, z_noise=scale)
         stds.append(float(ch["z"][ch["mask"].bool()].std()))
     assert abs(stds[0] - 1.0) < 0.05 and abs(stds[1] - 0.3) < 0.02 and stds[2] == 0.0
+
+
+def test_clean_targets_score_against_vs_mean_while_inputs_stay_drawn():
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(41, 4)).astype(np.float32)
+    ep = Episode(
+        mu=mu,
+        logvar=np.zeros_like(mu),  # posterior std 1: draws far from the mean
+        actions=np.zeros((40, 1), np.float32),
+        rewards=np.zeros(40, np.float32),
+        done=np.zeros(40, np.float32),
+    )
+    drawn = make_chunks([ep], 40, np.random.default_rng(1), True, False)
+    clean = make_chunks([ep], 40, np.random.default_rng(1), True, False, clean_targets=True)
+    torch.testing.assert_close(clean["z"], drawn["z"])  # the same draws as inputs
+    torch.testing.assert_close(clean["z_next"][0], torch.from_numpy(mu[1:]))
+    torch.testing.assert_close(drawn["z_next"][0, :-1], drawn["z"][0, 1:])
+    assert (drawn["z_next"][0] - clean["z_next"][0]).abs().mean() > 0.5
 
 
 def test_training_lowers_heldout_nll_and_resumes(tmp_path):
@@ -380,3 +399,35 @@ def test_input_noise_perturbs_inputs_only_and_hides_the_state(tmp_path):
         assert ck.config["input_noise"] == std
         nll[std] = ck.state["metrics"]["nll"]
     assert nll[0.0] + 0.05 < nll[3.0]
+
+
+def test_free_run_inputs_follow_ms_own_draws_between_real_restarts(tmp_path):
+    torch.manual_seed(0)
+    model = MDNRNN(cfg_for(tmp_path).model_config(Z, A))
+    B, T = 2, 9
+    batch = {"z": torch.randn(B, T, Z), "actions": torch.rand(B, T, A)}
+    # Windows of one step: every input is real.
+    assert torch.equal(free_run_inputs(model, batch, 1, 1.0, None), batch["z"])
+    # One window over the whole chunk at temperature 0: z_0 real, then M's own means.
+    got = free_run_inputs(model, batch, T, 0.0, None)
+    z, state, want = batch["z"][:, 0], None, []
+    for t in range(T):
+        want.append(z)
+        out = model.step(z, batch["actions"][:, t], state)
+        state, z = out.state, model.sample(out, 0.0)[:, 0]
+    torch.testing.assert_close(got, torch.stack(want, dim=1))
+    assert not torch.allclose(got[:, 1:], batch["z"][:, 1:])
+    # Windows of 3 at phase 2: real inputs at t = 0, 2, 5, 8; drawn ones elsewhere.
+    got = free_run_inputs(model, batch, 3, 1.0, None, phase=2)
+    real = (got == batch["z"]).all(dim=-1).all(dim=0)  # (T,)
+    assert real.nonzero().flatten().tolist() == [0, 2, 5, 8]
+
+
+def test_training_with_free_run_lowers_heldout_nll(tmp_path):
+    write_latents(tmp_path / "lat")
+    ck = tmp_path / "m" / "mdnrnn" / "checkpoints"
+    nll = []
+    for epochs in (1, 4):  # the second call resumes the first
+        assert train_mdnrnn(cfg_for(tmp_path, epochs=epochs, free_run=5)) == 0
+        nll.append(load_checkpoint(ck).state["metrics"]["nll"])
+    assert np.isfinite(nll[1]) and nll[1] < nll[0]

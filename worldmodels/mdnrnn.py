@@ -113,6 +113,12 @@ class TrainMDNRNNConfig(RunConfig):
         "the frame-to-frame motion (small in z) from drowning in V's noise",
         min=0.0,
     )
+    clean_targets: bool = setting(
+        False,
+        "with sample_z, score M against V's mean for the next frame while its inputs stay drawn: "
+        "the small change a frame makes (a car pulling away) is not drowned in V's noise, and M "
+        "still learns to read noisy inputs (its own draws, in a dream)",
+    )
     self_feed: int = setting(
         0,
         "extra passes over each batch in which M reads its own draws of z instead of the data's "
@@ -121,7 +127,18 @@ class TrainMDNRNNConfig(RunConfig):
         "loss that teaches M to stay on course under its own sampling noise (0: teacher forcing)",
         min=0,
     )
-    self_feed_temperature: float = setting(1.0, "temperature of the self_feed draws", min=0.0)
+    self_feed_temperature: float = setting(
+        1.0, "temperature of the self_feed and free_run draws", min=0.0
+    )
+    free_run: int = setting(
+        0,
+        "a second pass per batch whose inputs come from windows of this many steps in which M "
+        "runs on its own draws, as in a dream, from a real z at each window's start; scored "
+        "against the real next z, reward and end. Teaches M what to do when its dream has "
+        "drifted off the data, e.g. to pull away from rest when gas has been on for steps but "
+        "its own frames do not show it yet (0: off)",
+        min=0,
+    )
     input_noise: float = setting(
         0.0,
         "std of Gaussian noise added to M's z inputs (not its targets) in training, so M learns "
@@ -261,23 +278,26 @@ def make_chunks(
     offset: bool,
     z_noise: float = 1.0,
     end_repeats: int = 1,
+    clean_targets: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Cut episodes into padded chunks of `seq_len` steps, z drawn afresh from the posterior.
 
-    With `end_repeats` > 1, each episode that ended (done on its last step) gets
+    With `clean_targets`, z_next is V's mean rather than the draw. With `end_repeats` > 1, each
+    episode that ended (done on its last step) gets
     end_repeats - 1 more chunks of seq_len/2..seq_len steps closing on that end.
     Returns tensors z (N, L, z), z_next (N, L, z), actions (N, L, a), rewards, done, mask (N, L).
     """
     rows = {k: [] for k in ("z", "z_next", "actions", "rewards", "done", "mask")}
 
     def add(ep: Episode, z: np.ndarray, s: int, e: int) -> None:
+        target = ep.mu if clean_targets else z
         n, pad = e - s, seq_len - (e - s)
 
         def padded(x):
             return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
 
         rows["z"].append(padded(z[s:e]))
-        rows["z_next"].append(padded(z[s + 1 : e + 1]))
+        rows["z_next"].append(padded(target[s + 1 : e + 1]))
         rows["actions"].append(padded(ep.actions[s:e]))
         rows["rewards"].append(padded(ep.rewards[s:e]))
         rows["done"].append(padded(ep.done[s:e]))
@@ -305,6 +325,7 @@ def make_lanes(
     rng: np.random.Generator,
     sample_z: bool,
     z_noise: float = 1.0,
+    clean_targets: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Whole episodes in shuffled groups of `batch_size`, padded to the group's longest.
 
@@ -316,7 +337,15 @@ def make_lanes(
     for g in range(0, len(order), batch_size):
         eps = [episodes[i] for i in order[g : g + batch_size]]
         groups.append(
-            make_chunks(eps, max(len(e.actions) for e in eps), rng, sample_z, False, z_noise)
+            make_chunks(
+                eps,
+                max(len(e.actions) for e in eps),
+                rng,
+                sample_z,
+                False,
+                z_noise,
+                clean_targets=clean_targets,
+            )
         )
     return groups
 
@@ -328,14 +357,23 @@ def training_batches(
     previous one's episodes and starts from its LSTM state (`carry_state`); else zero state."""
     if not cfg.carry_state:
         chunks = make_chunks(
-            episodes, cfg.seq_len, rng, cfg.sample_z, True, cfg.z_noise, cfg.end_repeats
+            episodes,
+            cfg.seq_len,
+            rng,
+            cfg.sample_z,
+            True,
+            cfg.z_noise,
+            cfg.end_repeats,
+            cfg.clean_targets,
         )
         order = torch.from_numpy(rng.permutation(len(chunks["z"])))
         return [
             ({k: v[idx] for k, v in chunks.items()}, True) for idx in order.split(cfg.batch_size)
         ]
     out = []
-    for lane in make_lanes(episodes, cfg.batch_size, rng, cfg.sample_z, cfg.z_noise):
+    for lane in make_lanes(
+        episodes, cfg.batch_size, rng, cfg.sample_z, cfg.z_noise, cfg.clean_targets
+    ):
         first = int(rng.integers(1, cfg.seq_len + 1))
         for i, (s, e) in enumerate(chunk_bounds(lane["z"].shape[1], cfg.seq_len, first)):
             out.append(({k: v[:, s:e] for k, v in lane.items()}, i == 0))
@@ -347,6 +385,35 @@ def with_input_noise(batch: dict[str, torch.Tensor], std: float) -> dict[str, to
     if std <= 0:
         return batch
     return batch | {"z": batch["z"] + std * torch.randn_like(batch["z"])}  # (B, T, z_dim)
+
+
+@torch.no_grad()
+def free_run_inputs(
+    model: MDNRNN,
+    batch: dict[str, torch.Tensor],
+    window: int,
+    temperature: float,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+    phase: int = 0,
+) -> torch.Tensor:
+    """M's inputs for a free-running pass: the real z at t = 0 and wherever t = phase (mod
+    window); in between, z drawn from M's prediction at the step before. Returns z (B, T, z_dim).
+    """
+    z_real, actions = batch["z"], batch["actions"]
+    (B, T, _), hidden = z_real.shape, model.config.hidden
+    m = model.stepper()  # the dream's fused step, with the weights of this batch
+    if state is None:
+        h = c = torch.zeros(B, hidden, device=z_real.device)
+    else:
+        h, c = state[0][0], state[1][0]
+    inputs, z = [], z_real[:, 0]
+    for t in range(T):
+        if (t - phase) % window == 0 or t == 0:
+            z = z_real[:, t]  # (B, z_dim)
+        inputs.append(z)
+        h, c = m.lstm(z, actions[:, t], h, c)  # (B, hidden) each
+        z = m.sample(m.heads(h), temperature)  # (B, z_dim) drawn z_{t+1}
+    return torch.stack(inputs, dim=1)  # (B, T, z_dim)
 
 
 def self_fed_loss(
@@ -438,6 +505,7 @@ def main(cfg: TrainMDNRNNConfig) -> int:
         cfg.sample_z,
         False,
         cfg.z_noise,
+        clean_targets=cfg.clean_targets,
     )
     run.log.info(
         f"mdnrnn: {len(train_eps)} train / {len(held_eps)} held-out episodes, z_dim {z_dim}, "
@@ -462,6 +530,21 @@ def main(cfg: TrainMDNRNNConfig) -> int:
             terms = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
             if cfg.self_feed:
                 terms = self_fed_loss(model, batch, out, terms, cfg, None if new_lane else state)
+            if cfg.free_run:
+                start = None if new_lane else state
+                # A random phase per batch, so every step is sometimes a window's start.
+                phase = int(torch.randint(cfg.free_run, ()))
+                z_in = free_run_inputs(
+                    model, batch, cfg.free_run, cfg.self_feed_temperature, start, phase
+                )
+                free = model(z_in, batch["actions"], start)
+                fr = model.loss(
+                    free, batch["z_next"], batch["rewards"], batch["done"], batch["mask"]
+                )
+                terms = terms | {
+                    "loss": (terms["loss"] + fr["loss"]) / 2,
+                    "free_run_loss": fr["loss"],
+                }
             # The next chunk starts from the teacher-forced state: real context, as in a dream's
             # warm-up. Gradients stop at chunk borders.
             state = tuple(x.detach() for x in out.state)
