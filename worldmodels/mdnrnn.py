@@ -283,8 +283,8 @@ def make_chunks(
     """Cut episodes into padded chunks of `seq_len` steps, z drawn afresh from the posterior.
 
     With `clean_targets`, z_next is V's mean rather than the draw. With `end_repeats` > 1, each
-    episode that ended (done on its last step) gets
-    end_repeats - 1 more chunks of seq_len/2..seq_len steps closing on that end.
+    episode that ended (done on its last step) gets end_repeats - 1 more chunks of
+    seq_len/2..seq_len steps closing on that end.
     Returns tensors z (N, L, z), z_next (N, L, z), actions (N, L, a), rewards, done, mask (N, L).
     """
     rows = {k: [] for k in ("z", "z_next", "actions", "rewards", "done", "mask")}
@@ -438,6 +438,23 @@ def self_fed_loss(
     return terms | {"loss": total / (cfg.self_feed + 1), "self_fed_loss": fed["loss"]}
 
 
+def free_run_loss(
+    model: MDNRNN,
+    batch: dict[str, torch.Tensor],
+    terms: dict[str, torch.Tensor],
+    cfg: TrainMDNRNNConfig,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """The loss averaged over the teacher-forced pass (`terms`) and one pass on
+    `free_run_inputs` (windows of `cfg.free_run` steps), scored against the real targets."""
+    # A random phase per batch, so every step is sometimes a window's start.
+    phase = int(torch.randint(cfg.free_run, ()))
+    z_in = free_run_inputs(model, batch, cfg.free_run, cfg.self_feed_temperature, state, phase)
+    out = model(z_in, batch["actions"], state)
+    free = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
+    return terms | {"loss": (terms["loss"] + free["loss"]) / 2, "free_run_loss": free["loss"]}
+
+
 @torch.no_grad()
 def evaluate(model: MDNRNN, chunks: dict[str, torch.Tensor], device, batch: int = 64) -> dict:
     """Held-out NLL per latent dimension, reward MSE and done accuracy (masked means)."""
@@ -531,20 +548,7 @@ def main(cfg: TrainMDNRNNConfig) -> int:
             if cfg.self_feed:
                 terms = self_fed_loss(model, batch, out, terms, cfg, None if new_lane else state)
             if cfg.free_run:
-                start = None if new_lane else state
-                # A random phase per batch, so every step is sometimes a window's start.
-                phase = int(torch.randint(cfg.free_run, ()))
-                z_in = free_run_inputs(
-                    model, batch, cfg.free_run, cfg.self_feed_temperature, start, phase
-                )
-                free = model(z_in, batch["actions"], start)
-                fr = model.loss(
-                    free, batch["z_next"], batch["rewards"], batch["done"], batch["mask"]
-                )
-                terms = terms | {
-                    "loss": (terms["loss"] + fr["loss"]) / 2,
-                    "free_run_loss": fr["loss"],
-                }
+                terms = free_run_loss(model, batch, terms, cfg, None if new_lane else state)
             # The next chunk starts from the teacher-forced state: real context, as in a dream's
             # warm-up. Gradients stop at chunk borders.
             state = tuple(x.detach() for x in out.state)
