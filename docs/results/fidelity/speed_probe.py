@@ -97,19 +97,25 @@ def main() -> None:
             real[i, : len(s)] = s
         print(f"{name:9s} real      ", np.round(np.nanmean(real, 0)[SHOWN], 1))
         action = torch.tensor(fixed_policy(name).action, dtype=torch.float32)
+        # One teacher-forced pass over the real frames: M's state after each step (where the
+        # dreams start) and its prediction one step ahead at temperature 0 ("forced").
+        n = min(len(runs[name, seed][0]) for seed in seeds) - 1
+        z_all = torch.stack([runs[name, seed][0][: n + 1] for seed in seeds])  # (N, n + 1, z)
+        h = torch.zeros(TRACKS, model.config.hidden)
+        c, states, forced = torch.zeros_like(h), [], []
+        zero_tau = mdnrnn_step(model, 0.0)
+        for t in range(n):
+            states.append((h, c))
+            a = action if t >= WARMUP else torch.zeros(3)
+            s = zero_tau(z_all[:, t], h, c, a.expand(TRACKS, -1), None)
+            h, c = s.h, s.c
+            forced.append(speed(s.z).mean())
+        states.append((h, c))
         for k in (0, 10, 25, 50):  # dreams that start after k real steps of the policy
-            latents = [runs[name, seed][0] for seed in seeds]
-            if min(len(z) for z in latents) < WARMUP + 1 + k:
+            if n < WARMUP + k:
                 continue
-            h = torch.zeros(TRACKS, model.config.hidden)
-            c = torch.zeros_like(h)
-            for t in range(WARMUP + k):
-                a = action if t >= WARMUP else torch.zeros(3)
-                z_t = torch.stack([z[t] for z in latents])
-                s = step(z_t, h, c, a.expand(TRACKS, -1), None)
-                h, c = s.h, s.c
-            z = torch.stack([z[WARMUP + k] for z in latents]).repeat_interleave(DREAMS, 0)
-            h, c = h.repeat_interleave(DREAMS, 0), c.repeat_interleave(DREAMS, 0)
+            z = z_all[:, WARMUP + k].repeat_interleave(DREAMS, 0)
+            h, c = (x.repeat_interleave(DREAMS, 0) for x in states[WARMUP + k])
             g = torch.Generator().manual_seed(0)
             act = dream_policy(fixed_policy(name), len(z), env.action_space, g, list(range(len(z))))
             alive = torch.ones(len(z), dtype=torch.bool)
@@ -120,18 +126,7 @@ def main() -> None:
                 dreamed[alive.numpy(), t] = speed(z)[alive.numpy()]
                 alive &= ~s.done
             print(f"{name:9s} dream k={k:<2d}", np.round(np.nanmean(dreamed, 0)[SHOWN], 1))
-        # One step ahead on the real frames: M's prediction with teacher forcing.
-        n = min(len(runs[name, seed][0]) for seed in seeds) - 1
-        z_all = torch.stack([runs[name, seed][0][: n + 1] for seed in seeds])  # (N, n + 1, z)
-        h = torch.zeros(TRACKS, model.config.hidden)
-        c, tf = torch.zeros_like(h), []
-        zero_tau = mdnrnn_step(model, 0.0)
-        for t in range(n):
-            a = action if t >= WARMUP else torch.zeros(3)
-            s = zero_tau(z_all[:, t], h, c, a.expand(TRACKS, -1), None)
-            h, c = s.h, s.c
-            tf.append(speed(s.z).mean())
-        tf = np.r_[tf[WARMUP:], np.full(HORIZON, np.nan)][:HORIZON]
+        tf = np.r_[forced[WARMUP:], np.full(HORIZON, np.nan)][:HORIZON]
         print(f"{name:9s} forced    ", np.round(tf[SHOWN], 1))
 
 
