@@ -431,3 +431,25 @@ def test_training_with_free_run_lowers_heldout_nll(tmp_path):
         assert train_mdnrnn(cfg_for(tmp_path, epochs=epochs, free_run=5)) == 0
         nll.append(load_checkpoint(ck).state["metrics"]["nll"])
     assert np.isfinite(nll[1]) and nll[1] < nll[0]
+
+
+def test_free_run_every_k_batches_runs_the_pass_on_every_kth_batch(tmp_path, monkeypatch):
+    import worldmodels.mdnrnn as mdnrnn_stage
+
+    write_latents(tmp_path / "lat")
+    calls = []
+    real_loss = mdnrnn_stage.free_run_loss
+
+    def counting(model, batch, terms, cfg, state):
+        calls.append(len(calls))
+        return real_loss(model, batch, terms, cfg, state)
+
+    monkeypatch.setattr(mdnrnn_stage, "free_run_loss", counting)
+    counts = {}
+    for every in (1, 3):
+        calls.clear()
+        cfg = cfg_for(tmp_path, run_name=f"e{every}", epochs=1, free_run=5, free_run_every=every)
+        assert train_mdnrnn(cfg) == 0
+        counts[every] = len(calls)
+    # Every batch with k = 1; with k = 3 batches 0, 3, 6, ... only.
+    assert counts[1] >= 4 and counts[3] == -(-counts[1] // 3)

@@ -139,6 +139,12 @@ class TrainMDNRNNConfig(RunConfig):
         "its own frames do not show it yet (0: off)",
         min=0,
     )
+    free_run_every: int = setting(
+        1,
+        "with free_run, run the free-running pass on every k-th batch only: less of its pull "
+        "towards the data's average car, at less cost (1: every batch)",
+        min=1,
+    )
     input_noise: float = setting(
         0.0,
         "std of Gaussian noise added to M's z inputs (not its targets) in training, so M learns "
@@ -540,14 +546,14 @@ def main(cfg: TrainMDNRNNConfig) -> int:
             leave=False,
         )
         t0, steps, total, state = time.perf_counter(), 0.0, 0.0, None
-        for batch, new_lane in bar:
+        for i, (batch, new_lane) in enumerate(bar):
             batch = {k: v.to(device) for k, v in batch.items()}
             batch = with_input_noise(batch, cfg.input_noise)
             out = model(batch["z"], batch["actions"], None if new_lane else state)
             terms = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
             if cfg.self_feed:
                 terms = self_fed_loss(model, batch, out, terms, cfg, None if new_lane else state)
-            if cfg.free_run:
+            if cfg.free_run and i % cfg.free_run_every == 0:
                 terms = free_run_loss(model, batch, terms, cfg, None if new_lane else state)
             # The next chunk starts from the teacher-forced state: real context, as in a dream's
             # warm-up. Gradients stop at chunk borders.
