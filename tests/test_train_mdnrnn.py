@@ -453,3 +453,32 @@ def test_free_run_every_k_batches_runs_the_pass_on_every_kth_batch(tmp_path, mon
         counts[every] = len(calls)
     # Every batch with k = 1; with k = 3 batches 0, 3, 6, ... only.
     assert counts[1] >= 4 and counts[3] == -(-counts[1] // 3)
+
+
+def test_free_run_z_only_leaves_the_reward_and_done_heads_to_teacher_forcing(tmp_path):
+    from worldmodels.mdnrnn import free_run_loss
+
+    torch.manual_seed(0)
+    model = MDNRNN(cfg_for(tmp_path).model_config(Z, A))
+    B, T = 2, 9
+    batch = {
+        "z": torch.randn(B, T, Z),
+        "actions": torch.rand(B, T, A),
+        "z_next": torch.randn(B, T, Z),
+        "rewards": torch.randn(B, T),
+        "done": torch.zeros(B, T),
+        "mask": torch.ones(B, T),
+    }
+    grads = {}
+    for z_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        cfg = cfg_for(tmp_path, free_run=3, free_run_z_only=z_only)
+        terms = free_run_loss(model, batch, {"loss": torch.zeros(())}, cfg, None)
+        terms["loss"].backward()
+        grads[z_only] = {
+            name: p.grad.abs().sum().item() if p.grad is not None else 0.0
+            for name, p in model.named_parameters()
+        }
+    assert grads[False]["reward.weight"] > 0 and grads[False]["done.weight"] > 0
+    assert grads[True]["reward.weight"] == 0 and grads[True]["done.weight"] == 0
+    assert grads[True]["mdn.weight"] > 0 and grads[True]["lstm.weight_ih_l0"] > 0

@@ -139,6 +139,12 @@ class TrainMDNRNNConfig(RunConfig):
         "its own frames do not show it yet (0: off)",
         min=0,
     )
+    free_run_z_only: bool = setting(
+        False,
+        "with free_run, score the free-running pass on z alone: the reward and done heads learn "
+        "from real inputs only, so they are not taught to hedge towards the data's mean reward "
+        "when the inputs have drifted",
+    )
     free_run_every: int = setting(
         1,
         "with free_run, run the free-running pass on every k-th batch only: less of its pull "
@@ -452,13 +458,15 @@ def free_run_loss(
     state: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> dict[str, torch.Tensor]:
     """The loss averaged over the teacher-forced pass (`terms`) and one pass on
-    `free_run_inputs` (windows of `cfg.free_run` steps), scored against the real targets."""
+    `free_run_inputs` (windows of `cfg.free_run` steps), scored against the real targets (the
+    next z only, with `cfg.free_run_z_only`)."""
     # A random phase per batch, so every step is sometimes a window's start.
     phase = int(torch.randint(cfg.free_run, ()))
     z_in = free_run_inputs(model, batch, cfg.free_run, cfg.self_feed_temperature, state, phase)
     out = model(z_in, batch["actions"], state)
     free = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
-    return terms | {"loss": (terms["loss"] + free["loss"]) / 2, "free_run_loss": free["loss"]}
+    scored = free["nll"] if cfg.free_run_z_only else free["loss"]
+    return terms | {"loss": (terms["loss"] + scored) / 2, "free_run_loss": scored}
 
 
 @torch.no_grad()
