@@ -65,6 +65,18 @@ def cfg_for(tmp_path, **kw):
     return from_dict(TrainMDNRNNConfig, {**base, **kw})
 
 
+def random_batch(B, T):
+    """A training batch of random inputs and targets, nothing ending."""
+    return {
+        "z": torch.randn(B, T, Z),
+        "z_next": torch.randn(B, T, Z),
+        "actions": torch.rand(B, T, A),
+        "rewards": torch.randn(B, T),
+        "done": torch.zeros(B, T),
+        "mask": torch.ones(B, T),
+    }
+
+
 def test_chunks_cover_every_step_once():
     ep = Episode(
         mu=np.arange(11 * 2, dtype=np.float32).reshape(11, 2),
@@ -347,14 +359,7 @@ def test_self_fed_pass_reads_ms_own_draws_and_scores_real_targets(tmp_path):
     cfg = cfg_for(tmp_path, self_feed=1, self_feed_temperature=0.0)
     model = MDNRNN(cfg.model_config(Z, A))
     B, T = 3, 12
-    batch = {
-        "z": torch.randn(B, T, Z),
-        "z_next": torch.randn(B, T, Z),
-        "actions": torch.rand(B, T, A),
-        "rewards": torch.randn(B, T),
-        "done": torch.zeros(B, T),
-        "mask": torch.ones(B, T),
-    }
+    batch = random_batch(B, T)
     args = (batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
     out = model(batch["z"], batch["actions"])
     terms = model.loss(out, *args)
@@ -460,15 +465,7 @@ def test_free_run_z_only_leaves_the_reward_and_done_heads_to_teacher_forcing(tmp
 
     torch.manual_seed(0)
     model = MDNRNN(cfg_for(tmp_path).model_config(Z, A))
-    B, T = 2, 9
-    batch = {
-        "z": torch.randn(B, T, Z),
-        "actions": torch.rand(B, T, A),
-        "z_next": torch.randn(B, T, Z),
-        "rewards": torch.randn(B, T),
-        "done": torch.zeros(B, T),
-        "mask": torch.ones(B, T),
-    }
+    batch = random_batch(2, 9)
     grads = {}
     for z_only in (False, True):
         model.zero_grad(set_to_none=True)
