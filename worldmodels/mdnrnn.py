@@ -147,8 +147,8 @@ class TrainMDNRNNConfig(RunConfig):
     )
     free_run_every: int = setting(
         1,
-        "with free_run, run the free-running pass on every k-th batch only: less of its pull "
-        "towards the data's average car, at less cost (1: every batch)",
+        "with free_run, run the free-running pass on every k-th batch only: a lighter "
+        "free-running loss at less cost (1: every batch)",
         min=1,
     )
     input_noise: float = setting(
@@ -557,12 +557,13 @@ def main(cfg: TrainMDNRNNConfig) -> int:
         for i, (batch, new_lane) in enumerate(bar):
             batch = {k: v.to(device) for k, v in batch.items()}
             batch = with_input_noise(batch, cfg.input_noise)
-            out = model(batch["z"], batch["actions"], None if new_lane else state)
+            start = None if new_lane else state  # the LSTM state this chunk starts from
+            out = model(batch["z"], batch["actions"], start)
             terms = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
             if cfg.self_feed:
-                terms = self_fed_loss(model, batch, out, terms, cfg, None if new_lane else state)
+                terms = self_fed_loss(model, batch, out, terms, cfg, start)
             if cfg.free_run and i % cfg.free_run_every == 0:
-                terms = free_run_loss(model, batch, terms, cfg, None if new_lane else state)
+                terms = free_run_loss(model, batch, terms, cfg, start)
             # The next chunk starts from the teacher-forced state: real context, as in a dream's
             # warm-up. Gradients stop at chunk borders.
             state = tuple(x.detach() for x in out.state)

@@ -89,7 +89,7 @@ def main() -> None:
     keep, w, r2 = fit_readout(runs)
     speed = lambda z: np.c_[z.numpy()[..., keep], np.ones(z.shape[:-1])] @ w  # noqa: E731
     print(f"read-out: {keep.sum()} dimensions, R^2 {r2:.3f}; steps {SHOWN}")
-    step = mdnrnn_step(model, args.tau)
+    step, zero_tau = mdnrnn_step(model, args.tau), mdnrnn_step(model, 0.0)
     for name in POLICIES:
         real = np.full((TRACKS, HORIZON), np.nan)
         for i, seed in enumerate(seeds):
@@ -103,7 +103,6 @@ def main() -> None:
         z_all = torch.stack([runs[name, seed][0][: n + 1] for seed in seeds])  # (N, n + 1, z)
         h = torch.zeros(TRACKS, model.config.hidden)
         c, states, forced = torch.zeros_like(h), [], []
-        zero_tau = mdnrnn_step(model, 0.0)
         for t in range(n):
             states.append((h, c))
             a = action if t >= WARMUP else torch.zeros(3)
