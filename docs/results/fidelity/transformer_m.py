@@ -126,6 +126,35 @@ class TransformerM(nn.Module):
         )  # fmt: skip
 
 
+def free_run_loss(model: TransformerM, b: dict, k: int, gen: torch.Generator) -> torch.Tensor:
+    """M's loss on a window of k steps in which it runs on its own draws (τ 1) from a real z,
+    after the chunk's real steps before the window (their keys and values without gradient):
+    `free_run` of `wm train-mdnrnn`, one window per batch at a random step."""
+    B = b["z"].shape[0]
+    shortest = int(b["mask"].sum(1).min())
+    if shortest < k + 2:
+        return torch.zeros(())
+    s = int(torch.randint(1, shortest - k + 1, (1,), generator=gen))
+    x = torch.cat([b["z"], b["actions"]], -1)  # (B, L, z + a)
+    with torch.no_grad():
+        cache = KVCache(model.core.config, B, "cpu", torch.float32)
+        model.core.hidden(x[:, :s], cache)
+        own = [b["z"][:, s]]  # the window starts from the real z
+        for j in range(k - 1):
+            h = model.core.hidden(torch.cat([own[-1], b["actions"][:, s + j]], -1)[:, None], cache)
+            own.append(model.heads.sample(model.heads._heads(h, None), 1.0, gen)[:, 0])
+    prefix = KVCache(model.core.config, B, "cpu", torch.float32)
+    for layer in range(len(prefix.k)):
+        prefix.k[layer][:, :, :s] = cache.k[layer][:, :, :s]
+        prefix.v[layer][:, :, :s] = cache.v[layer][:, :, :s]
+    prefix.length = s
+    window = torch.cat([torch.stack(own, 1), b["actions"][:, s : s + k]], -1)  # (B, k, z + a)
+    out = model.heads._heads(model.core.hidden(window, prefix), None)
+    w = slice(s, s + k)
+    terms = model.loss(out, b["z_next"][:, w], b["rewards"][:, w], b["done"][:, w], b["mask"][:, w])
+    return terms["loss"]
+
+
 def build(meta: dict) -> TransformerM:
     keys = ("z_dim", "action_dim", "done_reward", "layers", "embd", "heads", "dropout")
     return TransformerM(*(meta[k] for k in keys))
@@ -171,6 +200,7 @@ def train(args: argparse.Namespace) -> None:
     held = W.make_chunks(held_eps, cfg.seq_len, np.random.default_rng(args.seed), True, False,
                          cfg.z_noise)  # fmt: skip
     total, it = args.epochs * 30, 0
+    gen = torch.Generator().manual_seed(args.seed)  # free-run windows and draws
     for epoch in range(args.epochs):
         batches = W.training_batches(train_eps, cfg, np.random.default_rng([args.seed, epoch]))
         model.train()
@@ -181,6 +211,8 @@ def train(args: argparse.Namespace) -> None:
                 g["lr"] = args.lr * min(1.0, (it + 1) / 50) * decay
             terms = model.loss(model(b["z"], b["actions"]), b["z_next"], b["rewards"],
                                b["done"], b["mask"])  # fmt: skip
+            if args.free_run:
+                terms["loss"] = terms["loss"] + free_run_loss(model, b, args.free_run, gen)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -224,6 +256,7 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--z-noise", type=float, default=1.0, help="mdnrnn's z_noise")
+    ap.add_argument("--free-run", type=int, default=0, help="window of own draws (0: none)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
