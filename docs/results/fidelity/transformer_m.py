@@ -41,6 +41,20 @@ from worldmodels.latents import LatentStore
 BANK_SIZE = 12  # caches kept, least recently used dropped first
 
 
+def copy_rows(dst: KVCache, dst_rows, src: KVCache, src_rows, length: int) -> None:
+    """Keys and values of src's rows into dst's rows, positions [0, length), every layer."""
+    for layer in range(len(dst.k)):
+        dst.k[layer][dst_rows, :, :length] = src.k[layer][src_rows, :, :length]
+        dst.v[layer][dst_rows, :, :length] = src.v[layer][src_rows, :, :length]
+
+
+def plug_in(module, model: TransformerM) -> None:
+    """Make `module.mdnrnn_step` (the one-step dream function) step `model`, whatever M it is
+    handed."""
+    one_step = module.mdnrnn_step
+    module.mdnrnn_step = lambda _, tau, threshold=0.5: one_step(model, tau, threshold)
+
+
 class TransformerM(nn.Module):
     def __init__(self, z_dim, action_dim, done_reward, layers=4, embd=128, heads=4, dropout=0.0):
         super().__init__()
@@ -99,9 +113,7 @@ class TransformerM(nn.Module):
             src, sel = self.bank[i], (ids == i).nonzero()[:, 0]
             length = int(c[sel[0], 2])  # the state's own length: src may have grown since
             self._touch(i)
-            for layer in range(len(new.k)):
-                new.k[layer][sel, :, :length] = src.k[layer][rows[sel], :, :length]
-                new.v[layer][sel, :, :length] = src.v[layer][rows[sel], :, :length]
+            copy_rows(new, sel, src, rows[sel], length)
         new.length = length
         cid, self.next_id = self.next_id, self.next_id + 1
         self.bank[cid] = new
@@ -144,9 +156,8 @@ def free_run_loss(model: TransformerM, b: dict, k: int, gen: torch.Generator) ->
             h = model.core.hidden(torch.cat([own[-1], b["actions"][:, s + j]], -1)[:, None], cache)
             own.append(model.heads.sample(model.heads._heads(h, None), 1.0, gen)[:, 0])
     prefix = KVCache(model.core.config, B, "cpu", torch.float32)
-    for layer in range(len(prefix.k)):
-        prefix.k[layer][:, :, :s] = cache.k[layer][:, :, :s]
-        prefix.v[layer][:, :, :s] = cache.v[layer][:, :, :s]
+    every = torch.arange(B)
+    copy_rows(prefix, every, cache, every, s)
     prefix.length = s
     window = torch.cat([torch.stack(own, 1), b["actions"][:, s : s + k]], -1)  # (B, k, z + a)
     out = model.heads._heads(model.core.hidden(window, prefix), None)
@@ -269,16 +280,14 @@ def main() -> None:
         import worldmodels.fidelity as fidelity
         from worldmodels.cli import main as wm
 
-        one_step = fidelity.mdnrnn_step
-        fidelity.mdnrnn_step = lambda _, tau, threshold=0.5: one_step(model, tau, threshold)
+        plug_in(fidelity, model)
         sys.exit(wm(args.rest))
     spec = importlib.util.spec_from_file_location(
         "probe", Path(__file__).with_name("speed_probe.py")
     )
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    one_step = probe.mdnrnn_step
-    probe.mdnrnn_step = lambda _, tau, threshold=0.5: one_step(model, tau, threshold)
+    plug_in(probe, model)
     sys.argv = ["speed_probe.py", *args.rest]
     probe.main()
 
