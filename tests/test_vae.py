@@ -17,6 +17,7 @@ from worldmodels.vae import (
     TrainVAEConfig,
     encode_main,
     main,
+    oversized_decoder_hint,
     prefetch,
     split_episodes,
 )
@@ -98,6 +99,16 @@ def test_default_is_the_world_models_architecture():
         assert out.shape == (1, 3, size, size)
     with pytest.raises(ValueError):
         VAEConfig(image_size=16, widths=(8, 16, 32, 64))
+
+
+def test_oversized_decoder_hint_names_widths_that_end_at_2x2():
+    assert oversized_decoder_hint(VAEConfig()) is None  # 64x64: World Models' 2x2 map
+    hint = oversized_decoder_hint(VAEConfig(image_size=96))  # CarRacing's own frame size
+    assert "4x4 map" in hint and "9x9 kernel" in hint and "43,837,059" in hint
+    assert "widths=[32, 64, 128, 256, 256] would give 3,455,363" in hint
+    alt = VAEConfig(image_size=96, widths=(32, 64, 128, 256, 256))
+    assert alt.encoder_sizes()[-1] == 1 and oversized_decoder_hint(alt) is None
+    assert "widths=[8, 16, 16]" in oversized_decoder_hint(VAEConfig(image_size=30, widths=(8, 16)))
 
 
 def test_first_deconv_as_matmul_equals_the_transposed_conv():

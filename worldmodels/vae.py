@@ -44,7 +44,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -316,6 +316,34 @@ def vae_config(cfg: TrainVAEConfig, frame_shape: list[int]) -> VAEConfig:
         raise UserError(f"widths: {err}") from None
 
 
+def parameter_count(vcfg: VAEConfig) -> int:
+    return sum(p.numel() for p in VAE(vcfg).parameters())
+
+
+def oversized_decoder_hint(vcfg: VAEConfig) -> str | None:
+    """A hint when the encoder's last map is larger than 2x2 (e.g. 96x96 frames with World
+    Models' four convs): the decoder then starts from 1x1 with a kernel as large as that map
+    over all flat_size channels, most of the model's weights and time. None when it is not."""
+    if vcfg.encoder_sizes()[-1] <= 2:
+        return None
+    widths, size = list(vcfg.widths), vcfg.encoder_sizes()[-1]
+    while size > 2:
+        widths.append(widths[-1])
+        size = (size - 4) // 2 + 1
+    try:
+        smaller = replace(vcfg, widths=tuple(widths))
+    except ValueError:  # the extra convs leave no map, or no decoder reaches image_size
+        return None
+    size = vcfg.encoder_sizes()[-1]
+    return (
+        f"train-vae: {vcfg.image_size}x{vcfg.image_size} frames leave a {size}x{size} map after "
+        f"{len(vcfg.widths)} convs, so the decoder's first layer is a {vcfg.decoder_kernels()[0]}x"
+        f"{vcfg.decoder_kernels()[0]} kernel over {vcfg.flat_size} channels "
+        f"({parameter_count(vcfg):,} parameters in all); widths={widths} would give "
+        f"{parameter_count(smaller):,}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # wm train-vae
 
@@ -355,6 +383,8 @@ def main(cfg: TrainVAEConfig) -> int:
         f"{'bf16 autocast' if bf16 else 'fp32'} on {device}"
         + (f", resuming after epoch {start_epoch}" if start_epoch else "")
     )
+    if hint := oversized_decoder_hint(vcfg):
+        run.log.warning(hint)
     if per_epoch == 0:
         raise UserError(f"batch_size {cfg.batch_size} is larger than the {n_train} training frames")
     if start_epoch >= cfg.epochs:
