@@ -426,6 +426,13 @@ def test_free_run_inputs_follow_ms_own_draws_between_real_restarts(tmp_path):
     got = free_run_inputs(model, batch, 3, 1.0, None, phase=2)
     real = (got == batch["z"]).all(dim=-1).all(dim=0)  # (T,)
     assert real.nonzero().flatten().tolist() == [0, 2, 5, 8]
+    # free_run_end 4: a row ending at t = 7 gets no real z after t = 3; the other row as before.
+    batch["done"] = torch.zeros(B, T)
+    batch["done"][0, 7] = 1.0
+    got = free_run_inputs(model, batch, 3, 1.0, None, phase=2, end_run=4)
+    real = (got == batch["z"]).all(dim=-1)  # (B, T)
+    assert real[0].nonzero().flatten().tolist() == [0, 2]
+    assert real[1].nonzero().flatten().tolist() == [0, 2, 5, 8]
 
 
 def test_training_with_free_run_lowers_heldout_nll(tmp_path):

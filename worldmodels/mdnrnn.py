@@ -145,6 +145,14 @@ class TrainMDNRNNConfig(RunConfig):
         "from real inputs only, so they are not taught to hedge towards the data's mean reward "
         "when the inputs have drifted",
     )
+    free_run_end: int = setting(
+        0,
+        "with free_run, the last this many steps before an episode's end run on M's own draws "
+        "throughout, with no real z re-injected: M learns to see an end coming from its own "
+        "dream, as it must when a dreamed car crosses the grass to the playfield's edge (0: "
+        "windows as elsewhere)",
+        min=0,
+    )
     free_run_every: int = setting(
         1,
         "with free_run, run the free-running pass on every k-th batch only: a lighter "
@@ -407,9 +415,12 @@ def free_run_inputs(
     temperature: float,
     state: tuple[torch.Tensor, torch.Tensor] | None,
     phase: int = 0,
+    end_run: int = 0,
 ) -> torch.Tensor:
     """M's inputs for a free-running pass: the real z at t = 0 and wherever t = phase (mod
-    window); in between, z drawn from M's prediction at the step before. Returns z (B, T, z_dim).
+    window); in between, z drawn from M's prediction at the step before. In a row whose chunk
+    holds an end (`batch["done"]`), no real z after the step `end_run` steps before it (t = 0
+    excepted). Returns z (B, T, z_dim).
     """
     z_real, actions = batch["z"], batch["actions"]
     (B, T, _), hidden = z_real.shape, model.config.hidden
@@ -418,10 +429,17 @@ def free_run_inputs(
         h = c = torch.zeros(B, hidden, device=z_real.device)
     else:
         h, c = state[0][0], state[1][0]
+    steps = torch.arange(T, device=z_real.device)
+    real = ((steps - phase) % window == 0) | (steps == 0)  # (T,)
+    real = real.expand(B, T).clone()  # (B, T)
+    if end_run:
+        ends = batch["done"] > 0.5  # (B, T)
+        no_end = T + end_run  # a row without an end keeps all its windows
+        first_end = torch.where(ends.any(dim=1), ends.float().argmax(dim=1), no_end)  # (B,)
+        real &= (steps[None] <= first_end[:, None] - end_run) | (steps[None] == 0)
     inputs, z = [], z_real[:, 0]
     for t in range(T):
-        if (t - phase) % window == 0 or t == 0:
-            z = z_real[:, t]  # (B, z_dim)
+        z = torch.where(real[:, t, None], z_real[:, t], z)  # (B, z_dim)
         inputs.append(z)
         h, c = m.lstm(z, actions[:, t], h, c)  # (B, hidden) each
         z = m.sample(m.heads(h), temperature)  # (B, z_dim) drawn z_{t+1}
@@ -462,7 +480,9 @@ def free_run_loss(
     next z only, with `cfg.free_run_z_only`)."""
     # A random phase per batch, so every step is sometimes a window's start.
     phase = int(torch.randint(cfg.free_run, ()))
-    z_in = free_run_inputs(model, batch, cfg.free_run, cfg.self_feed_temperature, state, phase)
+    z_in = free_run_inputs(
+        model, batch, cfg.free_run, cfg.self_feed_temperature, state, phase, cfg.free_run_end
+    )
     out = model(z_in, batch["actions"], state)
     free = model.loss(out, batch["z_next"], batch["rewards"], batch["done"], batch["mask"])
     scored = free["nll"] if cfg.free_run_z_only else free["loss"]
