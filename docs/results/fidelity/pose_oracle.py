@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from transformer_m import const_recipe  # beside this file (run as a script)
 
 import rollouts  # noqa: F401  (registers CarRacingFast-v3)
 from gen_core.mdnrnn import MDNRNN, MDNOutput, MDNRNNConfig, sample_mixture
@@ -175,18 +176,7 @@ def train(args: argparse.Namespace) -> None:
     """M's recipe of run const's `mdnrnn_L500` (seq_len 500, batch 8, paid ends, Adam 1e-3, 20
     epochs), plus the state's head."""
     torch.manual_seed(args.seed)
-    cfg = W.TrainMDNRNNConfig(
-        run_name=args.run,
-        out_name=args.name,
-        seq_len=500,
-        batch_size=8,
-        done_pos_weight=10.0,
-        done_reward="clipped",
-        reward_target="trailing",
-        reward_clip=[-1.0, 100.0],
-        seed=args.seed,
-        progress=False,
-    )
+    cfg = const_recipe(args.run, args.name, args.seed)
     store = LatentStore(cfg.latents_path())
     episodes = W.load_episodes(store, cfg)
     z_dim = episodes[0].mu.shape[1]

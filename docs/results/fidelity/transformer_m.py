@@ -175,23 +175,29 @@ def model_path(run: str, name: str) -> Path:
     return Path("runs", run, name, "transformer_m.pt")
 
 
-def train(args: argparse.Namespace) -> None:
-    """M's recipe of run const (seq_len 500, batch 8, paid ends), AdamW with warm-up and a
-    cosine decay to a tenth; the schedule counts 30 batches an epoch until the first epoch has
-    counted its own."""
-    torch.manual_seed(args.seed)
-    cfg = W.TrainMDNRNNConfig(
-        run_name=args.run,
-        out_name=args.name,
+def const_recipe(run: str, name: str, seed: int, **overrides) -> W.TrainMDNRNNConfig:
+    """The settings of run const's `mdnrnn_L500`: seq_len 500, batch 8, paid ends, the config's
+    clipped trailing reward."""
+    return W.TrainMDNRNNConfig(
+        run_name=run,
+        out_name=name,
         seq_len=500,
         batch_size=8,
         done_reward="clipped",
         reward_target="trailing",
         reward_clip=[-1.0, 100.0],
-        seed=args.seed,
+        seed=seed,
         progress=False,
-        z_noise=args.z_noise,
+        **overrides,
     )
+
+
+def train(args: argparse.Namespace) -> None:
+    """M's recipe of run const (seq_len 500, batch 8, paid ends), AdamW with warm-up and a
+    cosine decay to a tenth; the schedule counts 30 batches an epoch until the first epoch has
+    counted its own."""
+    torch.manual_seed(args.seed)
+    cfg = const_recipe(args.run, args.name, args.seed, z_noise=args.z_noise)
     store = LatentStore(cfg.latents_path())
     episodes = W.load_episodes(store, cfg)
     train_eps, held_eps = W.split_latent_episodes(store, episodes, cfg)
