@@ -433,6 +433,8 @@ def test_free_run_inputs_follow_ms_own_draws_between_real_restarts(tmp_path):
     real = (got == batch["z"]).all(dim=-1)  # (B, T)
     assert real[0].nonzero().flatten().tolist() == [0, 2]
     assert real[1].nonzero().flatten().tolist() == [0, 2, 5, 8]
+    with pytest.raises(Exception, match="set free_run too"):
+        TrainMDNRNNConfig(free_run_end=150).validate()
 
 
 def test_training_with_free_run_lowers_heldout_nll(tmp_path):

@@ -175,6 +175,8 @@ class TrainMDNRNNConfig(RunConfig):
                 "end_repeats > 1 adds chunks that close on episode ends; carry_state walks whole "
                 "episodes instead, so set one of them only"
             )
+        if self.free_run_end and not self.free_run:
+            raise UserError("free_run_end shapes free_run's pass: set free_run too (e.g. 20)")
         if self.reward_clip and (
             len(self.reward_clip) != 2 or self.reward_clip[0] >= self.reward_clip[1]
         ):

@@ -326,15 +326,15 @@ def oversized_decoder_hint(vcfg: VAEConfig) -> str | None:
     over all flat_size channels, most of the model's weights and time. None when it is not."""
     if vcfg.encoder_sizes()[-1] <= 2:
         return None
-    widths, size = list(vcfg.widths), vcfg.encoder_sizes()[-1]
-    while size > 2:
+    size = vcfg.encoder_sizes()[-1]
+    widths, last = list(vcfg.widths), size
+    while last > 2:  # one more conv of the last width each time
         widths.append(widths[-1])
-        size = (size - 4) // 2 + 1
+        last = (last - 4) // 2 + 1
     try:
         smaller = replace(vcfg, widths=tuple(widths))
     except ValueError:  # the extra convs leave no map, or no decoder reaches image_size
         return None
-    size = vcfg.encoder_sizes()[-1]
     return (
         f"train-vae: {vcfg.image_size}x{vcfg.image_size} frames leave a {size}x{size} map after "
         f"{len(vcfg.widths)} convs, so the decoder's first layer is a {vcfg.decoder_kernels()[0]}x"
