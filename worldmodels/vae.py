@@ -320,13 +320,14 @@ def parameter_count(vcfg: VAEConfig) -> int:
     return sum(p.numel() for p in VAE(vcfg).parameters())
 
 
-def oversized_decoder_hint(vcfg: VAEConfig) -> str | None:
+def oversized_decoder_hint(vcfg: VAEConfig, params: int | None = None) -> str | None:
     """A hint when the encoder's last map is larger than 2x2 (e.g. 96x96 frames with World
     Models' four convs): the decoder then starts from 1x1 with a kernel as large as that map
-    over all flat_size channels, most of the model's weights and time. None when it is not."""
-    if vcfg.encoder_sizes()[-1] <= 2:
-        return None
+    over all flat_size channels, most of the model's weights and time. None when it is not.
+    `params`: the model's parameter count, when the caller has built it already."""
     size = vcfg.encoder_sizes()[-1]
+    if size <= 2:
+        return None
     widths, last = list(vcfg.widths), size
     while last > 2:  # one more conv of the last width each time
         widths.append(widths[-1])
@@ -339,7 +340,7 @@ def oversized_decoder_hint(vcfg: VAEConfig) -> str | None:
         f"train-vae: {vcfg.image_size}x{vcfg.image_size} frames leave a {size}x{size} map after "
         f"{len(vcfg.widths)} convs, so the decoder's first layer is a {vcfg.decoder_kernels()[0]}x"
         f"{vcfg.decoder_kernels()[0]} kernel over {vcfg.flat_size} channels "
-        f"({parameter_count(vcfg):,} parameters in all); widths={widths} would give "
+        f"({params or parameter_count(vcfg):,} parameters in all); widths={widths} would give "
         f"{parameter_count(smaller):,}"
     )
 
@@ -376,14 +377,15 @@ def main(cfg: TrainVAEConfig) -> int:
     n_train = sum(store.length(i) + 1 for i in train_eps)
     per_epoch = min(n_train, cfg.max_frames_per_epoch or n_train) // cfg.batch_size
     n_pixels = heldout[0].numel()
+    n_params = sum(p.numel() for p in model.parameters())
     run.log.info(
         f"train-vae: {len(train_eps)} training episodes ({n_train} frames), {len(heldout_eps)} "
         f"held out ({len(heldout)} frames scored), {per_epoch} steps of {cfg.batch_size} per "
-        f"epoch, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"epoch, {n_params:,} parameters, "
         f"{'bf16 autocast' if bf16 else 'fp32'} on {device}"
         + (f", resuming after epoch {start_epoch}" if start_epoch else "")
     )
-    if hint := oversized_decoder_hint(vcfg):
+    if hint := oversized_decoder_hint(vcfg, n_params):
         run.log.warning(hint)
     if per_epoch == 0:
         raise UserError(f"batch_size {cfg.batch_size} is larger than the {n_train} training frames")
