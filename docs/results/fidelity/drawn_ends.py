@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import replace
 
 import torch
 
 import worldmodels.fidelity as fidelity
-from gen_core.mdnrnn import sample_mixture
 from worldmodels.cli import main as wm
-from worldmodels.dream import DreamStep
+from worldmodels.dream import dream_step
 
 
 def drawn_end_step(model, temperature: float, pos_weight: float):
@@ -29,14 +29,11 @@ def drawn_end_step(model, temperature: float, pos_weight: float):
 
     @torch.no_grad()
     def step(z, h, c, action, generator):
-        out = model.step(z, action, (h.unsqueeze(0), c.unsqueeze(0)))
-        z_next = sample_mixture(
-            out.logit_pi[:, 0], out.mu[:, 0], out.log_sigma[:, 0], temperature, generator
-        )  # (B, z_dim)
-        p_end = torch.sigmoid(out.done_logit[:, 0] - odds_shift)  # (B,)
+        # A threshold above 1 never fires: the toolkit's step without its end and its payment.
+        s = dream_step(model, z, h, c, action, temperature, generator, done_threshold=2.0)
+        p_end = torch.sigmoid(model.done(s.h).squeeze(-1) - odds_shift)  # (B,) M's done head
         done = torch.rand(p_end.shape, generator=generator) < p_end
-        reward = out.reward[:, 0] + model.config.done_reward * done
-        return DreamStep(z_next, out.state[0][0], out.state[1][0], reward, done)
+        return replace(s, reward=s.reward + model.config.done_reward * done, done=done)
 
     return step
 

@@ -25,7 +25,6 @@ state is privileged information: this was meant as a bound, not a recipe.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.nn as nn
 from transformer_m import const_recipe  # beside this file (run as a script)
 
 import rollouts  # noqa: F401  (registers CarRacingFast-v3)
+from gen_core.io import atomic_path
 from gen_core.mdnrnn import MDNRNN, MDNOutput, MDNRNNConfig, sample_mixture
 from rollouts.collect import make_env
 from rollouts.store import EpisodeStore
@@ -79,10 +79,8 @@ def record_states(args: argparse.Namespace) -> None:
         out[f"ep_{index:06d}"] = np.stack(poses)
     if worst > 1e-3:
         raise SystemExit(f"replay differs from the store: reward off by {worst}")
-    path = states_path(args.run)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **out)
-    os.replace(tmp, path)
+    with atomic_path(states_path(args.run), suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **out)
     print(f"{len(out)} episodes replayed in {time.time() - t0:.0f}s, rewards match to {worst:.1e}")
 
 
@@ -216,11 +214,8 @@ def train(args: argparse.Namespace) -> None:
             flush=True,
         )
     fit_pose(model, train_eps, held_eps, z_dim, args)
-    path = model_path(args.run, args.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"config": vars(m_cfg), "model": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(model_path(args.run, args.name)) as tmp:
+        torch.save({"config": vars(m_cfg), "model": model.state_dict()}, tmp)
 
 
 def transitions(episodes: list[W.Episode], z_dim: int) -> dict[str, torch.Tensor]:

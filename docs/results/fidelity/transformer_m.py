@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from gen_core.io import atomic_path
 from gen_core.mdnrnn import MDNRNN, MDNOutput
 from gen_core.transformer import KVCache, Transformer, TransformerConfig
 from worldmodels import mdnrnn as W
@@ -247,11 +247,8 @@ def train(args: argparse.Namespace) -> None:
             f"{time.time() - t0:.0f}s",
             flush=True,
         )
-    path = model_path(args.run, args.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"meta": meta, "model": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(model_path(args.run, args.name)) as tmp:
+        torch.save({"meta": meta, "model": model.state_dict()}, tmp)
 
 
 def load(args: argparse.Namespace) -> TransformerM:
