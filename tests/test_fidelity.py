@@ -411,6 +411,20 @@ def test_real_end_is_a_termination_within_the_horizon():
     assert np.all(ret[ended == 1] < open_ret[ended == 1] - 100)
 
 
+def test_warmup_may_be_a_sequence_of_actions_replayed_in_turn():
+    gas = make_policy("constant", CAR_RACING_ACTIONS, action=[0, 1, 0])
+    warm = np.asarray(WARMUP_ACTION, np.float32)
+    # A sequence repeating the fixed warm-up action reaches the same frames and return.
+    same = play_from_warmup(ToyCar(), gas, 10, WARMUP, np.tile(warm, (WARMUP, 1)), HORIZON)
+    fixed = play_from_warmup(ToyCar(), gas, 10, WARMUP, warm, HORIZON)
+    assert same[0] == fixed[0]
+    np.testing.assert_array_equal(np.stack(same[2]), np.stack(fixed[2]))
+    # A lead-in that drives moves the car before the policy takes over.
+    lead = np.tile(np.asarray([0, 1, 0], np.float32), (WARMUP, 1))
+    _, _, frames = play_from_warmup(ToyCar(), gas, 10, WARMUP, lead, 0)
+    assert len(frames) == WARMUP + 1 and not np.array_equal(frames[-1], fixed[2][-1])
+
+
 def test_perfect_model_foresees_the_real_ends():
     walled = fidelity(walled_step, env=WalledCar)
     by = dict(zip(walled.names, walled.real_ended.mean(axis=1)))

@@ -325,7 +325,8 @@ def play_from_warmup(
     horizon: int,
     keep_all: bool = False,
 ) -> tuple[float, bool, list[np.ndarray]]:
-    """Warm up with a fixed action, then let `policy` drive `horizon` steps.
+    """Warm up with a fixed action (or, given `warmup_action` of shape (warmup, A), with those
+    actions in turn), then let `policy` drive `horizon` steps.
 
     Returns the return over the policy's steps, whether the env terminated the episode within
     them (a time-limit truncation is not an end: the dream has no time limit to foresee), and the
@@ -338,10 +339,11 @@ def play_from_warmup(
     if hasattr(policy, "reset"):
         policy.reset(seed)
     frames = [obs]
-    for _ in range(warmup):
+    actions = np.broadcast_to(warmup_action, (warmup, warmup_action.shape[-1]))
+    for a in actions:
         if hasattr(policy, "observe"):
-            policy.observe(obs, warmup_action)
-        obs, _, terminated, truncated, _ = env.step(warmup_action)
+            policy.observe(obs, a)
+        obs, _, terminated, truncated, _ = env.step(a)
         frames.append(obs)
         if terminated or truncated:
             raise UserError(f"track {seed}: the episode ended during the {warmup}-step warm-up")
