@@ -45,13 +45,18 @@ from worldmodels.fidelity import (
 ENV_ID = "CarRacingFast-v3"
 
 
-def lead_in(run: Path, driver: Path, seed: int, warmup: int, steps: int):
-    """Frames (warmup + steps + 1) and actions (warmup + steps, 3) of the reference driver."""
+def reference_driver(run: Path, driver: Path) -> WorldModelAgent:
+    """The controller with the V and the M it was evolved with (it reads that M's memory)."""
+    params, c_cfg = load_controller_params(driver)
+    m_path = c_cfg.get("mdnrnn") or Path(c_cfg["runs_dir"], c_cfg["run_name"], "mdnrnn")
     vae, mdnrnn, spec, frames = load_agent_parts(
-        run / "vae/checkpoints", run / "mdnrnn/checkpoints", run / "store"
+        run / "vae/checkpoints", Path(m_path), run / "store"
     )
-    params, _ = load_controller_params(driver)
-    agent = WorldModelAgent(vae, mdnrnn, spec, frames, params)
+    return WorldModelAgent(vae, mdnrnn, spec, frames, params)
+
+
+def lead_in(agent: WorldModelAgent, seed: int, warmup: int, steps: int):
+    """Frames (warmup + steps + 1) and actions (warmup + steps, 3) of the reference driver."""
     env = make_env(ENV_ID, 2000)
     obs, _ = env.reset(seed=seed)
     agent.reset(seed)
@@ -109,9 +114,8 @@ def main() -> None:
     lengths = rng.integers(args.lead_min, args.lead_max + 1, size=len(seeds))
     cache = out / "real.json"  # the real side depends on the driver and tracks only
     key = [str(Path(args.driver).resolve()), seeds, lengths.tolist(), args.warmup, args.horizon]
-    leads = [
-        lead_in(run, Path(args.driver), s, args.warmup, int(n)) for s, n in zip(seeds, lengths)
-    ]
+    driver = reference_driver(run, Path(args.driver))
+    leads = [lead_in(driver, s, args.warmup, int(n)) for s, n in zip(seeds, lengths)]
     names = list(FIXED_POLICIES)
     stored = json.loads(cache.read_text()) if cache.exists() else {}
     if stored.get("key") == key:
