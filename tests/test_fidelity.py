@@ -20,6 +20,7 @@ from gymnasium import spaces
 from PIL import Image
 
 from gen_core.errors import UserError
+from gen_core.mdnrnn import MDNRNN, MDNRNNConfig
 from gen_core.plots import COLOURS, scatter_chart
 from rollouts.policies import ExplorePolicy, make_policy
 from worldmodels.cli import main as wm
@@ -33,6 +34,7 @@ from worldmodels.fidelity import (
     _cached_real,
     dream_returns_for,
     fixed_policy,
+    mdnrnn_step,
     measure_fidelity,
     open_loop_errors,
     pearson,
@@ -44,6 +46,7 @@ from worldmodels.fidelity import (
     rollout_outcomes,
     search_agreement,
     spearman,
+    start_states_from_frames,
 )
 
 HIDDEN = 4
@@ -423,6 +426,15 @@ def test_warmup_may_be_a_sequence_of_actions_replayed_in_turn():
     lead = np.tile(np.asarray([0, 1, 0], np.float32), (WARMUP, 1))
     _, _, frames = play_from_warmup(ToyCar(), gas, 10, WARMUP, lead, 0)
     assert len(frames) == WARMUP + 1 and not np.array_equal(frames[-1], fixed[2][-1])
+    # M's teacher-forced start follows the same rule.
+    model = MDNRNN(MDNRNNConfig(z_dim=4, action_dim=3, hidden=8))
+    step = mdnrnn_step(model, 1.0)
+    z = [torch.randn(WARMUP + 1, 4)]
+    fixed_start = start_states_from_frames(step, z, warm, 8)
+    for a, b in zip(start_states_from_frames(step, z, np.tile(warm, (WARMUP, 1)), 8), fixed_start):
+        torch.testing.assert_close(a, b)
+    driven = start_states_from_frames(step, z, lead, 8)
+    assert not torch.allclose(driven[1], fixed_start[1])  # h remembers the actions
 
 
 def test_perfect_model_foresees_the_real_ends():

@@ -440,16 +440,18 @@ def start_states_from_frames(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dream starts from encoded warm-up frames: each latents[i] is (warmup + 1, z_dim).
 
-    M runs teacher-forced over the first `warmup` latents under the warm-up action; the start
-    is (last latent, h, c). Returns z (N, z_dim), h and c (N, hidden).
+    M runs teacher-forced over the first `warmup` latents under the warm-up action (or, given
+    `warmup_action` of shape (warmup, A), under those actions in turn); the start is (last
+    latent, h, c). Returns z (N, z_dim), h and c (N, hidden).
     """
     z_seq = torch.stack(list(latents))  # (N, W + 1, z_dim)
     N, W1, _ = z_seq.shape
     h = torch.zeros(N, hidden)
     c = torch.zeros(N, hidden)
-    a = torch.as_tensor(warmup_action, dtype=torch.float32).expand(N, -1)  # (N, A)
+    actions = torch.as_tensor(np.asarray(warmup_action), dtype=torch.float32)
+    actions = actions.expand(W1 - 1, actions.shape[-1])  # (W, A)
     for t in range(W1 - 1):
-        s = step(z_seq[:, t], h, c, a, None)
+        s = step(z_seq[:, t], h, c, actions[t].expand(N, -1), None)
         h, c = s.h, s.c
     return z_seq[:, -1], h, c
 
@@ -836,6 +838,11 @@ def _stage_dir(path: str | Path) -> Path:
     return p
 
 
+def controller_mdnrnn(c_cfg: dict) -> str:
+    """The M a controller was evolved with (it reads that M's memory), from its config."""
+    return c_cfg.get("mdnrnn") or str(Path(c_cfg["runs_dir"], c_cfg["run_name"], "mdnrnn"))
+
+
 def _cache_key(cfg: FidelityConfig, p: PolicySpec, seeds: Sequence[int]) -> str:
     return json.dumps(
         [cfg.env_id, p.kind, p.action, list(seeds), cfg.warmup, cfg.warmup_action, cfg.horizon]
@@ -881,9 +888,7 @@ def main(cfg: FidelityConfig) -> int:
     policies = [fixed_policy(n) for n in cfg.policies]
 
     def controller(name: str, params: np.ndarray, c_cfg: dict, path: str) -> PolicySpec:
-        trained_with = c_cfg.get("mdnrnn") or str(
-            Path(c_cfg["runs_dir"], c_cfg["run_name"], "mdnrnn")
-        )
+        trained_with = controller_mdnrnn(c_cfg)
         if _stage_dir(trained_with) != _stage_dir(m_path):
             # C reads M's hidden state: with another M its inputs mean something else.
             run.log.warning(

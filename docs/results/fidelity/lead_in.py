@@ -35,11 +35,13 @@ from worldmodels.fidelity import (
     FIDELITY_SEED_BASE,
     FIXED_POLICIES,
     FidelityResult,
+    controller_mdnrnn,
     dream_returns_for,
     fixed_policy,
     mdnrnn_step,
     play_from_warmup,
     real_policy,
+    start_states_from_frames,
 )
 
 ENV_ID = "CarRacingFast-v3"
@@ -48,9 +50,8 @@ ENV_ID = "CarRacingFast-v3"
 def reference_driver(run: Path, driver: Path) -> WorldModelAgent:
     """The controller with the V and the M it was evolved with (it reads that M's memory)."""
     params, c_cfg = load_controller_params(driver)
-    m_path = c_cfg.get("mdnrnn") or Path(c_cfg["runs_dir"], c_cfg["run_name"], "mdnrnn")
     vae, mdnrnn, spec, frames = load_agent_parts(
-        run / "vae/checkpoints", Path(m_path), run / "store"
+        run / "vae/checkpoints", Path(controller_mdnrnn(c_cfg)), run / "store"
     )
     return WorldModelAgent(vae, mdnrnn, spec, frames, params)
 
@@ -141,16 +142,12 @@ def main() -> None:
         run / "store",
     )
     step = mdnrnn_step(mdnrnn, args.temperature)
-    starts = []
-    with torch.no_grad():
-        for frames, acts in leads:
-            x = np.stack([preprocess(f, settings.size, settings.crop_bottom) for f in frames])
+    starts = []  # one per track: the lead-ins differ in length
+    for frames, acts in leads:
+        x = np.stack([preprocess(f, settings.size, settings.crop_bottom) for f in frames])
+        with torch.no_grad():
             z = vae.encode(images_to_float(torch.from_numpy(x)))[0]  # (W + 1, z_dim) means
-            h = c = torch.zeros(1, mdnrnn.config.hidden)
-            for t in range(len(acts)):
-                s = step(z[t : t + 1], h, c, torch.as_tensor(acts[t : t + 1]), None)
-                h, c = s.h, s.c
-            starts.append((z[-1:], h, c))
+        starts.append(start_states_from_frames(step, [z], acts, mdnrnn.config.hidden))
     start = tuple(torch.cat(part) for part in zip(*starts))
     env = make_env(ENV_ID, 10)
     policies = [fixed_policy(n) for n in names]
