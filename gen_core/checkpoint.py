@@ -5,6 +5,8 @@ Layout under a checkpoint folder `ckpt/`:
     ckpt/step_00000012/model.pt    model weights (state_dict)
     ckpt/step_00000012/state.pt    training state: optimiser, RNG states, step, anything else
     ckpt/step_00000012/config.yaml the resolved config of the run that wrote it
+    ckpt/step_00000012/model.yaml  the model's class and its config dataclass, all it takes to
+                                   rebuild the model (`load_model`)
     ckpt/latest                    the name of the newest complete step folder
 
 A step folder is written under a temporary name and renamed when complete, and `latest` is
@@ -14,6 +16,8 @@ usable. Files load with `torch.load(weights_only=True)`: no pickled code is ever
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import pickle
 import random
@@ -41,6 +45,45 @@ class Checkpoint:
     state: dict[str, Any]  # optimiser, RNG, counters, ...
     config: dict[str, Any]  # resolved config that wrote it
     path: Path
+    model_spec: dict[str, Any] | None = None  # {"class": ..., "config": {...}} from model.yaml
+
+
+# Models a checkpoint can rebuild: class name -> "module:Class:ConfigClass". Lazy, so loading
+# one model imports only its module.
+MODELS = {
+    "VAE": "gen_core.vae:VAE:VAEConfig",
+    "MDNRNN": "gen_core.mdnrnn:MDNRNN:MDNRNNConfig",
+    "MDNTransformer": "gen_core.mdn_transformer:MDNTransformer:MDNTransformerConfig",
+}
+
+
+def model_spec(model: torch.nn.Module) -> dict[str, Any]:
+    """What `save_checkpoint(model_spec=...)` stores: the class and its config dataclass."""
+    name = type(model).__name__
+    if name not in MODELS:
+        raise ValueError(f"{name}: not a model a checkpoint can rebuild; add it to MODELS")
+    config = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dataclasses.asdict(model.config).items()
+    }
+    return {"class": name, "config": config}
+
+
+def build_model(spec: dict[str, Any], where: Path | str = "") -> torch.nn.Module:
+    """A freshly initialised model from a `model_spec` (its weights are loaded separately)."""
+    name = spec.get("class")
+    if name not in MODELS:
+        raise UserError(f"{where}: unknown model class {name!r} in model.yaml")
+    module, cls_name, cfg_name = MODELS[name].split(":")
+    mod = importlib.import_module(module)
+    cfg_cls = getattr(mod, cfg_name)
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    values = {}
+    for k, v in spec.get("config", {}).items():
+        if k not in fields:
+            raise UserError(f"{where}: model.yaml has {k!r}, which {cfg_name} does not know")
+        values[k] = tuple(v) if isinstance(fields[k].default, tuple) else v
+    return getattr(mod, cls_name)(cfg_cls(**values))
 
 
 def rng_state() -> dict[str, Any]:
@@ -85,6 +128,7 @@ def save_checkpoint(
     state: dict[str, Any],
     config: dict[str, Any],
     keep: int = 3,
+    model_spec: dict[str, Any] | None = None,
 ) -> Path:
     """Write `step_<step>/` under `ckpt_dir` atomically, point `latest` at it, prune old ones.
 
@@ -94,6 +138,7 @@ def save_checkpoint(
             numbers, strings, lists and dicts only.
         config: the resolved config as plain data.
         keep: how many step folders to keep (0 keeps all).
+        model_spec: `model_spec(model)`, written as model.yaml so `load_model` can rebuild it.
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +151,8 @@ def save_checkpoint(
     torch.save(model, tmp / "model.pt")
     torch.save({**state, "step": step}, tmp / "state.pt")
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    if model_spec is not None:
+        (tmp / "model.yaml").write_text(yaml.safe_dump(model_spec, sort_keys=False), "utf-8")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -169,13 +216,35 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
         model = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
         state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
         config = _read_config(path)
+        spec = None
+        if (path / "model.yaml").is_file():
+            spec = yaml.safe_load((path / "model.yaml").read_text(encoding="utf-8"))
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, yaml.YAMLError) as err:
         raise UserError(
             f"{path}: checkpoint is unreadable or corrupt ({type(err).__name__})"
         ) from None
-    return Checkpoint(
-        step=int(state.get("step", 0)), model=model, state=state, config=config, path=path
-    )
+    return Checkpoint(int(state.get("step", 0)), model, state, config, path, spec)
+
+
+def load_model(
+    path: str | os.PathLike, map_location: Any = "cpu", kinds: tuple[str, ...] = ()
+) -> tuple[torch.nn.Module, Checkpoint]:
+    """The model of a checkpoint, rebuilt from its model.yaml alone, in eval mode; `kinds`
+    (class names) limits what is accepted, with a one-line error naming the path otherwise."""
+    ck = load_checkpoint(path, map_location=map_location)
+    if ck.model_spec is None:
+        raise UserError(f"{ck.path}: no model.yaml, so no model to rebuild (a training state?)")
+    if kinds and ck.model_spec.get("class") not in kinds:
+        raise UserError(
+            f"{ck.path}: holds a {ck.model_spec.get('class')}, expected {' or '.join(kinds)}"
+        )
+    model = build_model(ck.model_spec, ck.path)
+    try:
+        model.load_state_dict(ck.model)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{ck.path}: weights do not fit model.yaml ({first})") from None
+    return model.to(map_location).eval(), ck
 
 
 def check_compatible(

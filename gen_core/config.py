@@ -341,11 +341,19 @@ def load_config(
 
 def _select_section(cls: type, data: dict[str, Any], section: str) -> dict[str, Any]:
     """Settings for one stage from a file that may hold several stages' sections."""
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     if not isinstance(data.get(section), dict):
         return data
+    # Shared: top-level scalars (seed, run_name) and top-level sections that are one of this
+    # stage's nested configs (the `dream` settings every dreaming stage reads); the stage's own
+    # section overrides both.
     shared = {
-        k: v for k, v in data.items() if k in names and not isinstance(v, dict) and k != section
+        k: v
+        for k, v in data.items()
+        if k in names
+        and k != section
+        and (not isinstance(v, dict) or dataclasses.is_dataclass(hints.get(k)))
     }
     return merge(shared, data[section])
 

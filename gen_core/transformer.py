@@ -45,6 +45,7 @@ class TransformerConfig:
     bias: bool = False  # biases in Linear layers and LayerNorms (False: a bit better and faster)
     input_dim: int = 0  # 0: inputs are token ids; > 0: inputs are vectors of this size
     output_dim: int = 0  # 0: logits over vocab_size; > 0: a linear head of this size (MSE loss)
+    rotary: bool = False  # rotary position encoding (RoFormer) instead of learned positions
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -77,6 +78,22 @@ class KVCache:
         self.length = 0
 
 
+def rotary_tables(pos: torch.Tensor, head_size: int, base: float = 10000.0):
+    """cos and sin of RoFormer's rotation angles (Su et al. 2021) at positions `pos` (...,):
+    each (..., head_size / 2)."""
+    freqs = base ** (-torch.arange(0, head_size, 2, device=pos.device) / head_size)  # (hs / 2,)
+    angles = pos.to(torch.float32)[..., None] * freqs  # (..., hs / 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (first half, second half) pair of x's last dim by its angle: x (..., T, hs),
+    cos and sin broadcastable to (..., T, hs / 2). A query at position i and a key at j then
+    score by their offset i - j alone, so cached keys stay valid however far a sequence runs."""
+    a, b = x.chunk(2, dim=-1)  # (..., T, hs / 2) each
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -88,19 +105,31 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ):
+        """`mask` (T, T), True where a query may attend to a key, replaces the causal mask."""
         B, T, C = x.size()  # batch, sequence length, embedding width (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:
             # one new query may see every cached position; is_causal would align the mask to the
@@ -135,8 +164,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)  # (B, T, C)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope, mask)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -153,7 +189,8 @@ class Transformer(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=wte,
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                # rotary positions live in the attention, not in the residual stream
+                wpe=None if config.rotary else nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -182,7 +219,7 @@ class Transformer(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings are left out by default, as in nanoGPT."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.transformer.wpe is not None:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -190,16 +227,28 @@ class Transformer(nn.Module):
         """The final-LayerNorm residual stream (B, T, C) for `idx` after any cached positions."""
         B, T = idx.shape[:2]
         past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
+        # With rotary positions and no cache, a longer sequence is read with a sliding window:
+        # each position attends over the last block_size ones (what a ring of keys holds).
+        band = self.config.rotary and cache is None and T > self.config.block_size
+        if past + T > self.config.block_size and not band:
             raise ValueError(
                 f"{past + T} positions exceed the context window of {self.config.block_size}"
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.rotary:
+            rope = rotary_tables(pos, self.config.n_embd // self.config.n_head)  # (T, hs / 2)
+        else:
+            x = x + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        x = self.transformer.drop(x)  # (B, T, C)
+        band_mask = None
+        if band:
+            i = torch.arange(T, device=idx.device)
+            offset = i[:, None] - i[None, :]  # (T, T) query - key
+            band_mask = (offset >= 0) & (offset < self.config.block_size)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)  # (B, T, C)
+            x = block(x, cache, i, rope, band_mask)  # (B, T, C)
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x)  # (B, T, C)

@@ -1,8 +1,9 @@
 """The World Models agent in the real env: V encodes the frame, C acts on [z, h], M updates h.
 
 Per step (Ha & Schmidhuber 2018, Fig. 1): z_t = V(obs_t) (posterior mean), a_t = C([z_t, h_t]),
-then h_{t+1} = M(z_t, a_t, h_t). `play_episode` runs one real episode and can record the frames
-and V's reconstructions for a side-by-side GIF.
+then M reads (z_t, a_t) through the same one-step protocol the dream runs (`gen_core/mdn.py`),
+so h means the same thing to C in the real env as in the dream, whichever M it is.
+`play_episode` runs one real episode and can record the frames and V's reconstructions.
 """
 
 from __future__ import annotations
@@ -14,30 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_core.checkpoint import load_checkpoint
 from gen_core.errors import UserError
-from gen_core.mdnrnn import MDNRNN
-from gen_core.vae import VAE, VAEConfig, images_to_float, images_to_uint8
+from gen_core.vae import VAE, images_to_float, images_to_uint8
 from rollouts.collect import preprocess
 from rollouts.store import EpisodeStore
 from worldmodels.controller import BatchController, ControllerSpec, controller_obs
-from worldmodels.mdnrnn import load_mdnrnn
-
-
-def load_vae(path: str | Path, map_location="cpu") -> tuple[VAE, dict]:
-    """V from a checkpoint (step folder, checkpoints folder or stage folder), in eval mode.
-
-    Returns the model and the config of the run that trained it.
-    """
-    ck = load_checkpoint(path, map_location=map_location)
-    if "vae_config" not in ck.state:
-        raise UserError(f"{ck.path}: not a VAE checkpoint (no vae_config); run 'wm train-vae'")
-    vcfg = dict(ck.state["vae_config"])
-    vcfg["widths"] = tuple(vcfg["widths"])
-    model = VAE(VAEConfig(**vcfg))
-    model.load_state_dict(ck.model)
-    model.eval()
-    return model, ck.config
+from worldmodels.models import load_m, load_vae
 
 
 @dataclass
@@ -53,12 +36,13 @@ class WorldModelAgent:
     """V + M + C acting in a real env; a callable `obs -> action` like any rollout policy."""
 
     vae: VAE
-    mdnrnn: MDNRNN
+    m: torch.nn.Module  # M: anything with `stepper()` (the MDN-RNN, the Transformer M)
     spec: ControllerSpec
     frames: FrameSettings = field(default_factory=FrameSettings)
     params: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        self.stepper = self.m.stepper()
         self.controller = None
         if self.params is not None:
             self.set_params(self.params)
@@ -69,7 +53,7 @@ class WorldModelAgent:
         self.controller = BatchController(self.params, self.spec)
 
     def reset(self, seed: int | None = None) -> None:
-        self.state = self.mdnrnn.initial_state(1)
+        self.state = self.stepper.initial_state(1)
         self.last_z = None
 
     def _encode(self, obs: np.ndarray) -> torch.Tensor:
@@ -82,11 +66,11 @@ class WorldModelAgent:
         """C's action for this frame; `override(action) -> action` may change what is done
         (exploration noise), and M's state follows the action actually taken."""
         z = self._encode(obs)
-        h = self.state[0][0]  # (1, hidden)
+        h = self.stepper.features(self.state)  # (1, features)
         action = self.controller(controller_obs(z, h, self.spec)[None])[0]  # (1, A)
         if override is not None:
             action = torch.as_tensor(override(action[0].numpy()), dtype=torch.float32)[None]
-        self.state = self.mdnrnn.step(z, action, self.state).state
+        self.state = self.stepper.observe(self.state, z, action)
         self.last_z = z
         return action[0].numpy().astype(np.float32)
 
@@ -95,7 +79,7 @@ class WorldModelAgent:
         """Update M's state with a frame and an action this agent did not choose (a warm-up)."""
         z = self._encode(obs)
         a = torch.as_tensor(np.asarray(action, dtype=np.float32))[None]  # (1, A)
-        self.state = self.mdnrnn.step(z, a, self.state).state
+        self.state = self.stepper.observe(self.state, z, a)
         self.last_z = z
 
     @torch.no_grad()
@@ -123,22 +107,25 @@ def play_episode(env, policy, seed: int, max_steps: int, record: bool = False):
     return total, max_steps, frames, recons
 
 
-def load_agent_parts(
-    vae_path: Path, mdnrnn_path: Path, store_path: Path, observe_hidden: bool = True
-):
+def frame_settings(store_path: Path) -> FrameSettings:
+    """How the store's frames were made from the env's (what V reads)."""
+    info = EpisodeStore(store_path).info()
+    return FrameSettings(size=info["frame_shape"][0], crop_bottom=info.get("crop_bottom", 0))
+
+
+def load_agent_parts(vae_path: Path, m_path: Path, store_path: Path, observe_hidden: bool = True):
     """(V, M, controller spec, frame settings) from the run's checkpoints and store."""
     vae, _ = load_vae(vae_path)
-    mdnrnn, _ = load_mdnrnn(mdnrnn_path)
-    if mdnrnn.config.z_dim != vae.config.z_dim:
+    m, _ = load_m(m_path)
+    if m.config.z_dim != vae.config.z_dim:
         raise UserError(
-            f"{mdnrnn_path}: M models z_dim {mdnrnn.config.z_dim} but V encodes "
-            f"{vae.config.z_dim}; retrain M on latents of this VAE"
+            f"{m_path}: M models z_dim {m.config.z_dim} but V encodes {vae.config.z_dim}; "
+            "retrain M on latents of this VAE"
         )
+    stepper = m.stepper()
     spec = ControllerSpec(
         z_dim=vae.config.z_dim,
-        hidden=mdnrnn.config.hidden if observe_hidden else 0,
-        action_dim=mdnrnn.config.action_dim,
+        hidden=stepper.feature_dim if observe_hidden else 0,
+        action_dim=stepper.action_dim,
     )
-    info = EpisodeStore(store_path).info()
-    frames = FrameSettings(size=info["frame_shape"][0], crop_bottom=info.get("crop_bottom", 0))
-    return vae, mdnrnn, spec, frames
+    return vae, m, spec, frame_settings(store_path)

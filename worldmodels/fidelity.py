@@ -5,14 +5,15 @@ A dream is worth training in exactly as far as it tells a good policy from a bad
 ones (stop, constant gas levels, steering, braking, random and correlated random actions) and any
 controller checkpoints — by running each for the same `horizon` steps from the same situations:
 
-- real: on `tracks` tracks (seeds never used in training), after `warmup` steps of a fixed
+- real: on `tracks` tracks (seeds never used in training), after `start_step` steps of a fixed
   warm-up action (CarRacing's first ~50 frames are its zoom-in), the policy drives `horizon` steps;
   its return over those steps is recorded, and whether the episode ended (terminated, e.g.
   CarRacing's -100 for leaving the playfield) within them.
-- dream: V encodes the real warm-up frames of the same tracks, M runs over them (teacher-forced)
-  to fill (h, c), and the dream starts from that state; each start is dreamed `dream_samples`
-  times at temperature `temperature`; the predicted rewards are summed over `horizon` steps, and
-  the fraction of those dreams that M's predicted done ends within them is recorded.
+- dream: V encodes the real warm-up frames of the same tracks, M reads the last `dream.warmup`
+  of them, as every dream starts (`worldmodels/dream.py`), and the dream starts from there; each
+  start is dreamed `dream_samples` times at the dream's temperature; the predicted rewards are
+  summed over `horizon` steps, and the fraction of those dreams that M ends within them is
+  recorded.
 
 Reported per policy: dream and real mean return, their gap (dream - real), and dream and real end
 rates (how often the policy's episode ends within the horizon: a dream that misses those ends, or
@@ -21,8 +22,8 @@ rank correlation (and Pearson) of the mean returns. Plus M's multi-step diagnost
 real episodes: open-loop error of z, reward and done at several horizons under the episode's own
 actions, against persistence; and how much M's predicted reward responds to the action.
 
-Everything is written as library functions over a generic one-step function
-(`step(z, h, c, action, generator) -> DreamStep`), so a toy model with known answers tests it.
+Everything is written as library functions over M's one-step protocol (`gen_core/mdn.py`), so
+the MDN-RNN, the Transformer M or a toy model with known answers (the tests) plug in alike.
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ from gen_core.checkpoint import checkpoint_config
 from gen_core.config import setting
 from gen_core.errors import UserError
 from gen_core.io import atomic_path, atomic_write_text
+from gen_core.mdn import StepModel
 from gen_core.plots import scatter_chart
 from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.policies import CorrelatedRandomPolicy, make_policy
-from worldmodels.dream import DreamStep, dream_step
+from worldmodels.dream import DreamConfig, DreamStarts, dream_rollouts
+from worldmodels.layout import RunLayout
+from worldmodels.video import framed
 
 FIDELITY_SEED_BASE = 2_000_000  # fidelity tracks overlap neither training nor evaluation seeds
-
-StepFn = Callable[..., DreamStep]  # (z, h, c, action, generator) -> DreamStep
 
 # Built-in fixed policies: name -> (kind, constant action on CarRacing's [steer, gas, brake]).
 FIXED_POLICIES: dict[str, tuple[str, tuple[float, float, float] | None]] = {
@@ -431,29 +433,24 @@ def real_returns(
 # ---------------------------------------------------------------------------------- dream side
 
 
-@torch.no_grad()
-def start_states_from_frames(
-    step: StepFn,
+def starts_from_frames(
+    model: StepModel,
     latents: Sequence[torch.Tensor],
     warmup_action: Sequence[float],
-    hidden: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dream starts from encoded warm-up frames: each latents[i] is (warmup + 1, z_dim).
-
-    M runs teacher-forced over the first `warmup` latents under the warm-up action (or, given
-    `warmup_action` of shape (warmup, A), under those actions in turn); the start is (last
-    latent, h, c). Returns z (N, z_dim), h and c (N, hidden).
-    """
+    warmup: int,
+) -> DreamStarts:
+    """Dream starts from encoded real frames: each latents[i] is (W + 1, z_dim), the frames of
+    W steps under the warm-up action (or, given `warmup_action` of shape (W, A), under those
+    actions in turn). M reads the last `warmup` of those steps from an empty memory, as every
+    dream starts (`worldmodels/dream.py`); the start is the last latent."""
     z_seq = torch.stack(list(latents))  # (N, W + 1, z_dim)
     N, W1, _ = z_seq.shape
-    h = torch.zeros(N, hidden)
-    c = torch.zeros(N, hidden)
     actions = torch.as_tensor(np.asarray(warmup_action), dtype=torch.float32)
     actions = actions.expand(W1 - 1, actions.shape[-1])  # (W, A)
-    for t in range(W1 - 1):
-        s = step(z_seq[:, t], h, c, actions[t].expand(N, -1), None)
-        h, c = s.h, s.c
-    return z_seq[:, -1], h, c
+    first = max(0, W1 - 1 - warmup)
+    return DreamStarts.from_steps(
+        model, z_seq[:, first:], actions[first:].expand(N, -1, -1).contiguous()
+    )
 
 
 class _BatchedNumpyPolicy:
@@ -494,34 +491,11 @@ def dream_policy(
     raise UserError(f"policy {p.name}: unknown kind {p.kind!r}")
 
 
-@torch.no_grad()
-def rollout_outcomes(
-    step: StepFn,
-    policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    z: torch.Tensor,
-    h: torch.Tensor,
-    c: torch.Tensor,
-    steps: int,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed predicted reward (B,) of B dream rollouts, and whether each ended (B,) bool: its
-    predicted done fired within `steps` (the last step included). A rollout stops at its end."""
-    total = torch.zeros(len(z))  # (B,)
-    alive = torch.ones(len(z), dtype=torch.bool)  # (B,)
-    for _ in range(steps):
-        s = step(z, h, c, policy(z, h), generator)
-        total += s.reward * alive
-        alive &= ~s.done
-        z, h, c = s.z, s.h, s.c
-        if not alive.any():
-            break
-    return total, ~alive
-
-
 def dream_returns_for(
-    step: StepFn,
+    model: StepModel,
+    dream: DreamConfig,
     policies: Sequence[PolicySpec],
-    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    starts: DreamStarts,
     horizon: int,
     samples: int,
     action_space,
@@ -529,41 +503,32 @@ def dream_returns_for(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(P, starts) dream return per policy and start, the mean over `samples` dreams each, and
     (P, starts) end rate: the fraction of those dreams that ended within `horizon` steps."""
-    z0, h0, c0 = start
-    N = len(z0)
-    rep = lambda x: x.repeat_interleave(samples, dim=0)  # noqa: E731  (N * samples, ...)
+    N = len(starts)
     out = np.zeros((len(policies), N))
     ended = np.zeros((len(policies), N))
     for i, p in enumerate(policies):
         g = torch.Generator().manual_seed(seed * 1000 + i)
         seeds = [seed * 10_000_000 + i * 100_000 + j for j in range(N * samples)]
         policy = dream_policy(p, N * samples, action_space, g, seeds)
-        ret, end = rollout_outcomes(step, policy, rep(z0), rep(h0), rep(c0), horizon, g)
+        z = starts.z.repeat_interleave(samples, dim=0)  # (N * samples, z_dim)
+        state = starts.state.repeat_interleave(samples)
+        ret, end = dream_rollouts(model, policy, z, state, horizon, dream, g)
         out[i] = ret.view(N, samples).mean(dim=1).numpy()
         ended[i] = end.float().view(N, samples).mean(dim=1).numpy()
     return out, ended
 
 
-def mdnrnn_step(model, temperature: float, done_threshold: float = 0.5) -> StepFn:
-    """M's dream step at a temperature, as the generic one-step function."""
-
-    def step(z, h, c, action, generator):
-        return dream_step(model, z, h, c, action, temperature, generator, done_threshold)
-
-    return step
-
-
 @torch.no_grad()
 def policy_strip(
-    step: StepFn,
+    model: StepModel,
+    dream: DreamConfig,
     encode: Callable[[list[np.ndarray]], torch.Tensor],
     decode: Callable[[torch.Tensor], np.ndarray],
     show: Callable[[list[np.ndarray]], np.ndarray],
     env,
     policy: PolicySpec,
     seed: int,
-    hidden: int,
-    warmup: int = 50,
+    start_step: int = 50,
     warmup_action: Sequence[float] = (0.0, 0.0, 0.0),
     horizon: int = 300,
     every: int = 20,
@@ -577,13 +542,13 @@ def policy_strip(
     `show` turns real observations into pictures, `decode` latents (N, z_dim) into pictures;
     both give uint8 (N, H, W, 3) of one size. Returns the picture, uint8 (rows, cols, 3).
     """
-    from worldmodels.dream_video import framed
-
     real_act = real_policy(policy, env.action_space)
     warm = np.asarray(warmup_action, dtype=np.float32)
-    _, _, frames = play_from_warmup(env, real_act, seed, warmup, warm, horizon, keep_all=True)
-    start = start_states_from_frames(step, [encode(frames[: warmup + 1])], warmup_action, hidden)
-    z, h, c = (x.repeat(dreams, 1) for x in start)  # (dreams, .)
+    _, _, frames = play_from_warmup(env, real_act, seed, start_step, warm, horizon, keep_all=True)
+    start = starts_from_frames(
+        model, [encode(frames[: start_step + 1])], warmup_action, dream.warmup
+    )
+    z, state = start.z.repeat(dreams, 1), start.state.repeat_interleave(dreams)  # (dreams, .)
     g = torch.Generator().manual_seed(dream_seed)
     act = dream_policy(
         policy, dreams, env.action_space, g, [dream_seed * 1000 + i for i in range(dreams)]
@@ -592,14 +557,14 @@ def policy_strip(
     picked, shown = {0: z}, {0: torch.ones(dreams, dtype=torch.bool)}
     alive = torch.ones(dreams, dtype=torch.bool)  # (dreams,)
     for t in range(1, horizon + 1):
-        s = step(z, h, c, act(z, h), g)
+        s = model.step(state, z, act(z, model.features(state)), dream.temperature, g)
         if t in cols:  # the frame a dream ends on is shown, none after it
             picked[t], shown[t] = s.z, alive.clone()
-        alive &= ~s.done
-        z, h, c = s.z, s.h, s.c
+        alive &= s.end_prob <= dream.end_threshold
+        z, state = s.z, s.state
     dreamed = decode(torch.cat([picked[t] for t in cols]))  # (cols * dreams, H, W, 3)
     dreamed = dreamed.reshape(len(cols), dreams, *dreamed.shape[1:])
-    real = show(frames[warmup:])  # (steps seen + 1, H, W, 3)
+    real = show(frames[start_step:])  # (steps seen + 1, H, W, 3)
     grey = np.full_like(dreamed[0, 0], 128)
     rows = [[framed(real[t], (0, 200, 0)) if t < len(real) else grey for t in cols]]
     for i in range(dreams):
@@ -614,9 +579,9 @@ def policy_strip(
 
 @torch.no_grad()
 def open_loop_errors(
-    step: StepFn,
+    model: StepModel,
+    dream: DreamConfig,
     episodes: Sequence[dict[str, np.ndarray]],
-    hidden: int,
     horizons: Sequence[int] = (1, 10, 50),
     context: int = 20,
     starts_per_episode: int = 4,
@@ -624,10 +589,11 @@ def open_loop_errors(
 ) -> dict[str, Any]:
     """Open-loop prediction error of z, reward and done under real episodes' own actions.
 
-    From a start point t0 of each episode (after `context` teacher-forced steps fill h), M runs on
-    its own samples under the episode's actions. At each horizon k: mean squared error of the
-    dreamed z against the real z_{t0+k} (and of persistence, z_{t0}, for scale), absolute error of
-    the predicted reward against the reward target, and accuracy of the predicted end.
+    From a start point t0 of each episode (after `context` real steps M reads), M runs on its
+    own draws at the dream's temperature under the episode's actions. At each horizon k: mean
+    squared error of the dreamed z against the real z_{t0+k} (and of persistence, z_{t0}, for
+    scale), absolute error of the predicted reward against the reward target, and accuracy of
+    the predicted end.
 
     `episodes`: dicts with `z` (T+1, z_dim), `actions` (T, A), `rewards` (T,) reward-head
     targets, `done` (T,).
@@ -643,7 +609,6 @@ def open_loop_errors(
             rows.append((ep, int(t0)))
     if not rows:
         raise UserError(f"open-loop diagnostics: no episode is longer than {context + H} steps")
-    B = len(rows)
     z_real = torch.stack(
         [
             torch.as_tensor(ep["z"][t0 - context : t0 + H + 1], dtype=torch.float32)
@@ -658,22 +623,19 @@ def open_loop_errors(
     )  # (B, context + H, A)
     rew = np.stack([ep["rewards"][t0 : t0 + H] for ep, t0 in rows])  # (B, H)
     done = np.stack([ep["done"][t0 : t0 + H] for ep, t0 in rows])  # (B, H)
-    h = torch.zeros(B, hidden)
-    c = torch.zeros(B, hidden)
-    for t in range(context):
-        s = step(z_real[:, t], h, c, acts[:, t], None)
-        h, c = s.h, s.c
+    start = DreamStarts.from_steps(model, z_real[:, : context + 1], acts[:, :context])
     g = torch.Generator().manual_seed(seed)
-    z = z_real[:, context]
+    z, state = start.z, start.state
     z_err, r_err, d_acc = [], [], []
     for k in range(H):
-        s = step(z, h, c, acts[:, context + k], g)
-        z, h, c = s.z, s.h, s.c
+        s = model.step(state, z, acts[:, context + k], dream.temperature, g)
+        z, state = s.z, s.state
         z_err.append(((z - z_real[:, context + k + 1]) ** 2).mean(dim=1).numpy())
         r_err.append(np.abs(s.reward.numpy() - rew[:, k]))
-        d_acc.append((s.done.numpy() == (done[:, k] > 0.5)).astype(np.float64))
+        ended = (s.end_prob > dream.end_threshold).numpy()
+        d_acc.append((ended == (done[:, k] > 0.5)).astype(np.float64))
     persist = ((z_real[:, context : context + 1] - z_real[:, context + 1 :]) ** 2).mean(dim=2)
-    out: dict[str, Any] = {"starts": B}
+    out: dict[str, Any] = {"starts": len(rows)}
     for k in horizons:
         out[f"z_mse_{k}"] = round(float(z_err[k - 1].mean()), 4)
         out[f"z_mse_persistence_{k}"] = round(float(persist[:, k - 1].mean()), 4)
@@ -684,8 +646,9 @@ def open_loop_errors(
 
 @torch.no_grad()
 def reward_response(
-    step: StepFn,
-    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    model: StepModel,
+    dream: DreamConfig,
+    starts: DreamStarts,
     actions: dict[str, Sequence[float]],
     steps: int = 50,
     samples: int = 4,
@@ -693,15 +656,13 @@ def reward_response(
 ) -> dict[str, float]:
     """Mean predicted reward per step over `steps` dream steps under each constant action, from
     the same starts: how strongly M's reward responds to what the car does."""
-    z0, h0, c0 = start
-    rep = lambda x: x.repeat_interleave(samples, dim=0)  # noqa: E731
     out = {}
     for name, a in actions.items():
         g = torch.Generator().manual_seed(seed)
-        act = torch.as_tensor(a, dtype=torch.float32).expand(len(z0) * samples, -1)
-        total, _ = rollout_outcomes(
-            step, lambda z, h, act=act: act, rep(z0), rep(h0), rep(c0), steps, g
-        )
+        act = torch.as_tensor(a, dtype=torch.float32).expand(len(starts) * samples, -1)
+        z = starts.z.repeat_interleave(samples, dim=0)
+        state = starts.state.repeat_interleave(samples)
+        total, _ = dream_rollouts(model, lambda z, h, act=act: act, z, state, steps, dream, g)
         out[name] = round(float(total.mean()) / steps, 4)
     return out
 
@@ -710,13 +671,13 @@ def reward_response(
 
 
 def measure_fidelity(
-    step: StepFn,
+    model: StepModel,
+    dream: DreamConfig,
     encode: Callable[[list[np.ndarray]], torch.Tensor],
     env_fn: Callable[[], Any],
     policies: Sequence[PolicySpec],
     seeds: Sequence[int],
-    hidden: int,
-    warmup: int = 50,
+    start_step: int = 50,
     warmup_action: Sequence[float] = (0.0, 0.0, 0.0),
     horizon: int = 300,
     dream_samples: int = 4,
@@ -731,19 +692,19 @@ def measure_fidelity(
     """Dream and real returns of `policies` from the same tracks (see the module docstring).
 
     Args:
-        step: the dream's one-step function (`mdnrnn_step(M, tau)` for M).
-        encode: real frames (warmup + 1 of them) -> their latents (warmup + 1, z_dim).
+        model: M's one-step protocol (`m.stepper()`), dreaming as `dream` says.
+        encode: real frames (start_step + 1 of them) -> their latents (start_step + 1, z_dim).
         env_fn: makes the real env.
         real: precomputed real returns (P, tracks), e.g. cached from an earlier call.
         real_ended: their ends (P, tracks), 0/1; with `real` but without it, the result has no
             real end rates. Ignored without `real`: both are then measured.
     """
-    worker_args = (env_fn, warmup, tuple(warmup_action), horizon, agent_factory)
+    worker_args = (env_fn, start_step, tuple(warmup_action), horizon, agent_factory)
     probe = FidelityWorker(*worker_args[:4])
     latents = [encode(probe.warmup_frames(s)) for s in seeds]
-    start = start_states_from_frames(step, latents, warmup_action, hidden)
-    dream, dream_ended = dream_returns_for(
-        step, policies, start, horizon, dream_samples, probe.env.action_space, seed
+    starts = starts_from_frames(model, latents, warmup_action, dream.warmup)
+    dreamed, dream_ended = dream_returns_for(
+        model, dream, policies, starts, horizon, dream_samples, probe.env.action_space, seed
     )
     if real is None:
         real, real_ended = real_returns(
@@ -751,15 +712,16 @@ def measure_fidelity(
         )
     extra = {
         "reward_response": reward_response(
-            step,
-            start,
+            model,
+            dream,
+            starts,
             {"stop": (0.0, 0.0, 0.0), "full_gas": (0.0, 1.0, 0.0)},
             steps=min(50, horizon),
             samples=dream_samples,
             seed=seed,
         )
     }
-    return FidelityResult([p.name for p in policies], dream, real, extra, dream_ended, real_ended)
+    return FidelityResult([p.name for p in policies], dreamed, real, extra, dream_ended, real_ended)
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -770,7 +732,7 @@ class FidelityConfig(RunConfig):
     """Settings of `wm fidelity`."""
 
     vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
-    mdnrnn: str = setting("", "M checkpoint (default: the run's last round, mdnrnn[_iterK])")
+    m: str = setting("", "M checkpoint (default: the run's last round, m[_iterK])")
     store: str = setting("", "episode store V was trained on (default: <run_dir>/store)")
     latents: str = setting("", "latent store for M's diagnostics (default: <run_dir>/latents)")
     policies: list[str] = setting(
@@ -790,13 +752,14 @@ class FidelityConfig(RunConfig):
     )
     tracks: int = setting(16, "real tracks, and dream start states taken from them", min=2)
     horizon: int = setting(300, "steps each policy drives, in the dream and for real", min=1)
-    warmup: int = setting(50, "steps of the warm-up action before a policy takes over", min=1)
+    start_step: int = setting(
+        50, "real steps of the warm-up action before a policy takes over", min=1
+    )
     warmup_action: list[float] = setting([0.0, 0.0, 0.0], "action held during the warm-up")
-    temperature: float = setting(1.0, "dream sampling temperature tau", min=0.0)
+    dream: DreamConfig = setting(default_factory=DreamConfig, doc="how M dreams")
     dream_samples: int = setting(
         4, "dreams per start state (their mean is the start's return)", min=1
     )
-    done_threshold: float = setting(0.5, "predicted done probability that ends a dream", min=0.0)
     horizons: list[int] = setting([1, 10, 50], "open-loop diagnostic horizons")
     context: int = setting(20, "teacher-forced steps before the open-loop diagnostics", min=1)
     env_id: str = setting("CarRacingFast-v3", "gymnasium env id")
@@ -838,14 +801,14 @@ def _stage_dir(path: str | Path) -> Path:
     return p
 
 
-def controller_mdnrnn(c_cfg: dict) -> str:
+def controller_m(c_cfg: dict) -> str:
     """The M a controller was evolved with (it reads that M's memory), from its config."""
-    return c_cfg.get("mdnrnn") or str(Path(c_cfg["runs_dir"], c_cfg["run_name"], "mdnrnn"))
+    return c_cfg.get("m") or str(RunLayout(Path(c_cfg["runs_dir"], c_cfg["run_name"])).m())
 
 
 def _cache_key(cfg: FidelityConfig, p: PolicySpec, seeds: Sequence[int]) -> str:
     return json.dumps(
-        [cfg.env_id, p.kind, p.action, list(seeds), cfg.warmup, cfg.warmup_action, cfg.horizon]
+        [cfg.env_id, p.kind, p.action, list(seeds), cfg.start_step, cfg.warmup_action, cfg.horizon]
     )
 
 
@@ -870,25 +833,24 @@ def main(cfg: FidelityConfig) -> int:
     from rollouts.collect import make_env, preprocess
     from worldmodels.agent import WorldModelAgent, load_agent_parts
     from worldmodels.controller import ControllerSpec
+    from worldmodels.episodes import split_episodes
     from worldmodels.evolve import load_controller_params, load_search_history
-    from worldmodels.iterate import last_round_checkpoints
     from worldmodels.latents import LatentStore
-    from worldmodels.mdnrnn import reward_targets
-    from worldmodels.vae import split_episodes
+    from worldmodels.sequences import reward_targets
 
     run = start_run(cfg, "fidelity")
-    m_path = cfg.path(cfg.mdnrnn, last_round_checkpoints(cfg.run_dir, "mdnrnn"))
+    layout = RunLayout(cfg.run_dir)
+    m_path = Path(cfg.m or layout.m_checkpoints(layout.last_round()))
     torch.set_num_threads(max(1, cfg.threads or cores()))
-    vae, mdnrnn, spec, frames = load_agent_parts(
-        cfg.path(cfg.vae, "vae/checkpoints"),
-        m_path,
-        cfg.path(cfg.store, "store"),
+    vae, m, spec, frames = load_agent_parts(
+        Path(cfg.vae or layout.vae_checkpoints), m_path, Path(cfg.store or layout.store)
     )
+    stepper = m.stepper()
     m_cfg = checkpoint_config(m_path)  # M itself came with the agent parts above
     policies = [fixed_policy(n) for n in cfg.policies]
 
     def controller(name: str, params: np.ndarray, c_cfg: dict, path: str) -> PolicySpec:
-        trained_with = controller_mdnrnn(c_cfg)
+        trained_with = controller_m(c_cfg)
         if _stage_dir(trained_with) != _stage_dir(m_path):
             # C reads M's hidden state: with another M its inputs mean something else.
             run.log.warning(
@@ -921,9 +883,8 @@ def main(cfg: FidelityConfig) -> int:
             return vae.encode(images_to_float(torch.from_numpy(x)))[0]  # (W + 1, z_dim)
 
     seeds = [FIDELITY_SEED_BASE + cfg.seed * 10_000 + i for i in range(cfg.tracks)]
-    step = mdnrnn_step(mdnrnn, cfg.temperature, cfg.done_threshold)
-    env_fn = partial(make_env, cfg.env_id, cfg.warmup + cfg.horizon + 1)
-    agent_factory = partial(WorldModelAgent, vae, mdnrnn, spec, frames)
+    env_fn = partial(make_env, cfg.env_id, cfg.start_step + cfg.horizon + 1)
+    agent_factory = partial(WorldModelAgent, vae, m, spec, frames)
 
     # Real returns of fixed policies depend on neither V nor M: one cache serves every run.
     cache_path = Path(cfg.runs_dir) / "fidelity_real_cache.json"
@@ -931,7 +892,7 @@ def main(cfg: FidelityConfig) -> int:
     keys = [_cache_key(cfg, p, seeds) if p.kind != "controller" else None for p in policies]
     cached = [_cached_real(cache, k, len(seeds)) for k in keys]
     todo = [i for i, entry in enumerate(cached) if entry is None]
-    worker_args = (env_fn, cfg.warmup, tuple(cfg.warmup_action), cfg.horizon, agent_factory)
+    worker_args = (env_fn, cfg.start_step, tuple(cfg.warmup_action), cfg.horizon, agent_factory)
     real = np.zeros((len(policies), len(seeds)))
     real_ended = np.zeros((len(policies), len(seeds)))
     for i, entry in enumerate(cached):
@@ -954,13 +915,13 @@ def main(cfg: FidelityConfig) -> int:
         atomic_write_text(cache_path, json.dumps(cache) + "\n")
 
     result = measure_fidelity(
-        step,
+        stepper,
+        cfg.dream,
         encode,
         env_fn,
         policies,
         seeds,
-        mdnrnn.config.hidden,
-        cfg.warmup,
+        cfg.start_step,
         cfg.warmup_action,
         cfg.horizon,
         cfg.dream_samples,
@@ -973,7 +934,7 @@ def main(cfg: FidelityConfig) -> int:
     result, candidates = result.split(len(policies) - len(searched))
 
     # M's open-loop diagnostics on the episodes M held out (V's split rule).
-    latents = LatentStore(cfg.path(cfg.latents, "latents"))
+    latents = LatentStore(cfg.latents or layout.latents)
     indices = latents.indices()
     _, held = split_episodes(
         list(indices), m_cfg.get("heldout_fraction", 0.05), m_cfg.get("seed", 0)
@@ -989,15 +950,12 @@ def main(cfg: FidelityConfig) -> int:
                     "rewards": reward_targets(
                         ep["rewards"],
                         m_cfg.get("reward_target", "raw"),
-                        m_cfg.get("progress_window", 20),
-                        m_cfg.get("reward_clip", []),
+                        clip=m_cfg.get("reward_clip", []),
                     ),
                     "done": ep["terminated"].astype(np.float32),
                 }
             )
-    diag = open_loop_errors(
-        step, episodes, mdnrnn.config.hidden, cfg.horizons, cfg.context, seed=cfg.seed
-    )
+    diag = open_loop_errors(stepper, cfg.dream, episodes, cfg.horizons, cfg.context, seed=cfg.seed)
     result.extra["open_loop"] = diag
     if searched:
         result.extra["search"] = search_agreement(
@@ -1007,11 +965,12 @@ def main(cfg: FidelityConfig) -> int:
             candidates.real_mean,
         )
 
-    out = run.dir / (cfg.name or f"tau{cfg.temperature:g}")
+    tau = cfg.dream.temperature
+    out = run.dir / (cfg.name or f"tau{tau:g}")
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "name": "fidelity",
-        "temperature": cfg.temperature,
+        "temperature": tau,
         "tracks": cfg.tracks,
         "horizon": cfg.horizon,
         **result.summary(),
@@ -1025,15 +984,15 @@ def main(cfg: FidelityConfig) -> int:
         strip_env = env_fn()
         pictures = [
             policy_strip(
-                step,
+                stepper,
+                cfg.dream,
                 encode,
                 lambda z: images_to_uint8(vae.decode(z)).numpy(),
                 stored_frames,
                 strip_env,
                 fixed_policy(n),
                 seeds[0],
-                mdnrnn.config.hidden,
-                cfg.warmup,
+                cfg.start_step,
                 cfg.warmup_action,
                 cfg.horizon,
                 cfg.strip_every,
@@ -1062,7 +1021,7 @@ def main(cfg: FidelityConfig) -> int:
                 n: (float(x), float(y))
                 for n, x, y in zip(part.names, part.real_mean, part.dream_mean)
             },
-            f"{what}dream (tau {cfg.temperature:g}) vs real, {cfg.horizon} steps, "
+            f"{what}dream (tau {tau:g}) vs real, {cfg.horizon} steps, "
             f"{cfg.tracks} tracks: Spearman {part.spearman:.2f}",
             xlabel="real mean return",
             ylabel="dream mean return (grey line: dream = real)",

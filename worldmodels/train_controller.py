@@ -2,33 +2,33 @@
 
 mode=real: each candidate x trial is a real episode played by V + M + C in a Ray actor (one per
 core, or a cluster via `ray_address`); a worker that dies is replaced and its episodes rerun.
-mode=dream: every candidate x trial rollout runs in M's dream as one batch of tensors, started
-from real encoded frames (with a warm-up of real steps to fill h), at sampling temperature
-`temperature`. Either way the mean parameters are scored every `eval_every` generations (in the
-real env by default: pick by real score, never by dream score) and the parameters with the
-best such score are kept as the controller.
+mode=dream: every candidate x trial rollout runs in M's dream as one batch of tensors
+(`worldmodels/dream.py`, any M), started from real encoded frames after a warm-up of real steps.
+Either way the mean parameters are scored every `eval_every` generations (in the real env by
+default: pick by real score, never by dream score) and the parameters with the best such score
+are kept as the controller.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from gen_core.checkpoint import checkpoint_config
 from gen_core.config import setting, to_dict
 from gen_core.errors import UserError
 from gen_core.runs import RunConfig, cores, resolve_device, start_run
-from rollouts.collect import make_env
 from rollouts.parallel import ActorPool
-from rollouts.policies import make_policy
-from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
+from worldmodels.agent import load_agent_parts
 from worldmodels.controller import BatchController, ControllerSpec, controller_obs, squash_actions
-from worldmodels.dream import StartStates, dream_returns
+from worldmodels.dream import DreamConfig, DreamStarts, dream_returns
 from worldmodels.evolve import ESSettings, evolve
 from worldmodels.latents import LatentStore
+from worldmodels.layout import RunLayout
+from worldmodels.real_env import RealEnvWorker
 
 
 @dataclass
@@ -36,9 +36,9 @@ class TrainControllerConfig(RunConfig):
     """Settings of `wm train-controller`."""
 
     mode: Literal["dream", "real"] = setting("dream", "where candidates are scored")
-    out_name: str = setting("controller", "output folder under the run folder (one per iteration)")
+    out_name: str = setting("controller", "output folder under the run folder (one per round)")
     vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
-    mdnrnn: str = setting("", "M checkpoint (default: <run_dir>/mdnrnn/checkpoints)")
+    m: str = setting("", "M checkpoint (default: <run_dir>/m/checkpoints)")
     latents: str = setting("", "latent store for dream start states (default: <run_dir>/latents)")
     store: str = setting("", "episode store V was trained on (default: <run_dir>/store)")
     observe_hidden: bool = setting(True, "C sees [z, h] (False: the z-only variant)")
@@ -50,18 +50,10 @@ class TrainControllerConfig(RunConfig):
     eval_trials: int = setting(8, "episodes scoring the mean parameters", min=1)
     eval_in: Literal["real", "dream"] = setting("real", "where the mean parameters are scored")
     # dream
-    temperature: float = setting(1.15, "dream sampling temperature tau", min=0.0)
+    dream: DreamConfig = setting(default_factory=DreamConfig, doc="how M dreams")
     dream_steps: int = setting(300, "steps per dream rollout", min=1)
     start_states: int = setting(512, "dream start states drawn from real encoded episodes", min=1)
-    warmup: int = setting(10, "real steps M runs over before each dream start", min=0)
-    start_context: Literal["warmup", "episode"] = setting(
-        "warmup",
-        "what fills M's memory at a dream start: the `warmup` real steps before it (from zero "
-        "state), or every real step since its episode began, as in a real episode (for M "
-        "trained with carry_state, which never saw a zero state mid-episode)",
-    )
     max_start: int = setting(0, "latest step after the warm-up a dream may start at", min=0)
-    done_threshold: float = setting(0.5, "predicted done probability that ends a dream", min=0.0)
     # real env
     env_id: str = setting("CarRacingFast-v3", "gymnasium env id for real episodes")
     max_steps: int = setting(1000, "steps per real episode", min=1)
@@ -79,35 +71,6 @@ def episode_seed(seed: int, generation: int, trial: int) -> int:
     return int(np.random.SeedSequence([seed, generation, trial]).generate_state(1)[0] % 2**31)
 
 
-class RealEnvWorker:
-    """A Ray actor holding one env and a policy: V + M + C when `parts` is given (its
-    parameters arrive with each episode), else a built-in rollout policy by name."""
-
-    def __init__(
-        self,
-        parts: tuple | None,
-        env_id: str,
-        max_steps: int,
-        policy: str = "controller",
-        policy_params: dict | None = None,
-    ):
-        torch.set_num_threads(1)
-        self.env = make_env(env_id, max_steps)
-        self.max_steps = max_steps
-        if parts is not None:
-            vae, mdnrnn, spec, frames = parts
-            self.policy = WorldModelAgent(vae, mdnrnn, spec, frames)
-        else:
-            self.policy = make_policy(policy, self.env.action_space, **(policy_params or {}))
-
-    def play(self, item: tuple[int, np.ndarray | None, int]) -> float:
-        _, params, seed = item
-        if params is not None:
-            self.policy.set_params(params)
-        total, *_ = play_episode(self.env, self.policy, seed, self.max_steps)
-        return total
-
-
 def real_returns(pool: ActorPool, params: np.ndarray, seeds: list[int]) -> np.ndarray:
     """(P, len(seeds)) real-env returns of every candidate on every seed."""
     items = [(p, params[p], s) for p in range(len(params)) for s in seeds]
@@ -119,22 +82,11 @@ def real_returns(pool: ActorPool, params: np.ndarray, seeds: list[int]) -> np.nd
 
 
 class DreamFitness:
-    """Mean dream return of each candidate over `trials` start states shared by all.
+    """Mean dream return of each candidate over `trials` start states shared by all, every
+    candidate x trial rollout advanced together."""
 
-    `dtype=torch.bfloat16` runs M's matmuls in bfloat16 (see `dream_returns`); off by default.
-    """
-
-    def __init__(
-        self,
-        mdnrnn,
-        start: StartStates,
-        spec: ControllerSpec,
-        cfg,
-        device,
-        dtype: torch.dtype = torch.float32,
-    ):
-        self.m, self.start, self.spec, self.cfg, self.device = mdnrnn, start, spec, cfg, device
-        self.dtype = dtype
+    def __init__(self, model, starts: DreamStarts, spec: ControllerSpec, cfg, device):
+        self.m, self.starts, self.spec, self.cfg, self.device = model, starts, spec, cfg, device
 
     def __call__(self, params: np.ndarray, generation: int, trials: int | None = None):
         trials = trials or self.cfg.trials
@@ -142,7 +94,7 @@ class DreamFitness:
         g = torch.Generator(device=self.device).manual_seed(
             int(np.random.SeedSequence([self.cfg.seed, generation, 7]).generate_state(1)[0])
         )
-        starts = torch.randint(0, len(self.start), (trials,), generator=g, device=self.device)
+        starts = torch.randint(0, len(self.starts), (trials,), generator=g, device=self.device)
         idx = starts.repeat(P)  # (P * trials,) candidate-major
         ctrl = BatchController(params, self.spec).to(self.device)
         # BatchController's maths with the product turned around, (A, in) @ (in, trials) per
@@ -156,32 +108,25 @@ class DreamFitness:
             return squash_actions(raw, self.spec.squash).reshape(P * trials, -1)
 
         returns = dream_returns(
-            self.m,
-            policy,
-            self.start,
-            idx,
-            self.cfg.dream_steps,
-            self.cfg.temperature,
-            g,
-            self.cfg.done_threshold,
-            self.dtype,
+            self.m, policy, self.starts, idx, self.cfg.dream_steps, self.cfg.dream, g
         )
         return returns.view(P, trials).mean(dim=1).cpu().numpy()
 
 
 def main(cfg: TrainControllerConfig) -> int:
     run = start_run(cfg, "controller", folder=cfg.out_name)
+    layout = RunLayout(cfg.run_dir)
     device = resolve_device(cfg.device)
     parts = load_agent_parts(
-        cfg.path(cfg.vae, "vae/checkpoints"),
-        cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"),
-        cfg.path(cfg.store, "store"),
+        Path(cfg.vae or layout.vae_checkpoints),
+        Path(cfg.m or layout.m_checkpoints()),
+        Path(cfg.store or layout.store),
         cfg.observe_hidden,
     )
-    vae, mdnrnn, spec, frames = parts
+    vae, m, spec, frames = parts
     run.log.info(
         f"controller: mode {cfg.mode}, {spec.n_params} parameters, population {cfg.population} "
-        f"x {cfg.trials} trials, {cfg.generations} generations"
+        f"x {cfg.trials} trials, {cfg.generations} generations, M {type(m).__name__}"
     )
 
     pool = None
@@ -194,22 +139,15 @@ def main(cfg: TrainControllerConfig) -> int:
         )
     dream = None
     if cfg.mode == "dream" or cfg.eval_in == "dream":
-        latents = LatentStore(cfg.path(cfg.latents, "latents"))
+        latents = LatentStore(cfg.latents or layout.latents)
         episodes = [ep for _, ep in latents.iter_episodes(keys=("mu", "actions"))]
         if not episodes:
             raise UserError(f"{latents.path}: no encoded episodes; run 'wm encode' first")
-        m_cfg = checkpoint_config(cfg.path(cfg.mdnrnn, "mdnrnn/checkpoints"))
-        if m_cfg.get("carry_state") and cfg.start_context == "warmup":
-            # Such an M never saw a zero state mid-episode: a short warm-up starts it off-course.
-            run.log.warning(
-                "controller: M was trained with carry_state; start_context=episode gives its "
-                "dreams the memory it was trained with"
-            )
-        m = mdnrnn.to(device)
-        start = StartStates.from_episodes(
-            m, episodes, cfg.start_states, cfg.warmup, cfg.max_start, cfg.seed, cfg.start_context
+        stepper = m.to(device).stepper()
+        starts = DreamStarts.from_episodes(
+            stepper, episodes, cfg.start_states, cfg.dream.warmup, cfg.max_start, cfg.seed
         ).to(device)
-        dream = DreamFitness(m, start, spec, cfg, device)
+        dream = DreamFitness(stepper, starts, spec, cfg, device)
 
     def fitness(params: np.ndarray, generation: int) -> np.ndarray:
         if cfg.mode == "dream":
