@@ -30,6 +30,7 @@ Env resets are not timed. `load_avg_1m` (start and end) shows whether the machin
 OMP_WAIT_POLICY is PASSIVE unless set otherwise, as in the toolkit (recorded as `omp_wait_policy`).
 
     python benchmarks/dream_speed.py [--population 64] [--trials 16] [--steps 100] [--bf16]
+        [--m lstm|transformer]
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ OMP_WAIT_POLICY = os.environ["OMP_WAIT_POLICY"]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from gen_core.mdn_transformer import MDNTransformer, MDNTransformerConfig  # noqa: E402
 from gen_core.mdnrnn import MDNRNN, MDNRNNConfig  # noqa: E402
 from gen_core.vae import VAE, VAEConfig  # noqa: E402
 from rollouts.collect import make_env  # noqa: E402
 from worldmodels.agent import FrameSettings, WorldModelAgent  # noqa: E402
 from worldmodels.controller import ControllerSpec  # noqa: E402
-from worldmodels.dream import StartStates  # noqa: E402
+from worldmodels.dream import DreamConfig, DreamStarts  # noqa: E402
 from worldmodels.train_controller import DreamFitness  # noqa: E402
 
 
@@ -83,17 +85,31 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--bf16", action="store_true", help="dream with M's matmuls in bfloat16")
+    p.add_argument(
+        "--m",
+        choices=["lstm", "transformer"],
+        default="lstm",
+        help="M: the MDN-RNN (World "
+        "Models' size) or a Transformer M of the same width (2 blocks, 50-step window)",
+    )
     args = p.parse_args()
     load_start = os.getloadavg()[0]
     torch.manual_seed(0)
-    m = MDNRNN(MDNRNNConfig()).eval()
-    spec = ControllerSpec()
-    start = StartStates(torch.randn(256, 32), torch.zeros(256, 256), torch.zeros(256, 256))
-    cfg = SimpleNamespace(
-        seed=0, trials=args.trials, dream_steps=args.steps, temperature=1.0, done_threshold=1.1
-    )  # no early ends: every rollout runs all steps
+    if args.m == "lstm":
+        m = MDNRNN(MDNRNNConfig()).eval()
+    else:
+        m = MDNTransformer(MDNTransformerConfig(n_embd=256, n_layer=2, window=50)).eval()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    fitness = DreamFitness(m, start, spec, cfg, torch.device("cpu"), dtype=dtype)
+    stepper = m.stepper(dtype)
+    spec = ControllerSpec(hidden=stepper.feature_dim)
+    start = DreamStarts.from_steps(stepper, torch.randn(256, 11, 32), torch.rand(256, 10, 3))
+    cfg = SimpleNamespace(
+        seed=0,
+        trials=args.trials,
+        dream_steps=args.steps,
+        dream=DreamConfig(temperature=1.0, end_threshold=1.0),
+    )  # no early ends: every rollout runs all steps
+    fitness = DreamFitness(stepper, start, spec, cfg, torch.device("cpu"))
     params = np.random.default_rng(0).normal(0, 0.1, (args.population, spec.n_params))
     singles = min(args.one_at_a_time, args.population)
 
@@ -169,6 +185,7 @@ def main() -> None:
         json.dumps(
             {
                 "name": "dream_speed",
+                "m": args.m,
                 "dream_steps_per_s": round(med["dream"], 1),
                 "one_at_a_time_steps_per_s": round(med["one_at_a_time"], 1),
                 "real_steps_per_s": round(med["real"], 1),

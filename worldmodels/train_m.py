@@ -61,7 +61,9 @@ class TrainMConfig(RunConfig):
     kind: Literal["lstm", "transformer"] = setting(
         "lstm", "M's sequence model: World Models' MDN-RNN, or a causal Transformer over steps"
     )
-    hidden: int = setting(256, "LSTM units, or the Transformer's width (heads of 32)", min=32)
+    hidden: int = setting(
+        256, "LSTM units, or the Transformer's width (heads of 32 wide, one below 32)", min=1
+    )
     layers: int = setting(2, "Transformer blocks (the LSTM has one layer)", min=1)
     n_mixtures: int = setting(5, "Gaussians per latent dimension", min=1)
     reward_target: Literal["raw", "progress", "trailing"] = setting(
@@ -105,8 +107,11 @@ class TrainMConfig(RunConfig):
             raise UserError(
                 f"reward_clip: expected [] or [low, high] with low < high, got {self.reward_clip}"
             )
-        if self.kind == "transformer" and self.hidden % 32:
-            raise UserError(f"hidden: the Transformer's width is heads of 32, got {self.hidden}")
+        if self.kind == "transformer" and self.hidden > 32 and self.hidden % 32:
+            raise UserError(
+                f"hidden: the Transformer's width is heads of 32, so a multiple of 32 (or at "
+                f"most 32), got {self.hidden}"
+            )
 
     def latents_path(self) -> Path:
         return Path(self.latents) if self.latents else RunLayout(self.run_dir).latents
@@ -122,6 +127,7 @@ def build_m(cfg: TrainMConfig, z_dim: int, action_dim: int) -> torch.nn.Module:
             action_dim=action_dim,
             n_embd=cfg.hidden,
             n_layer=cfg.layers,
+            head_size=min(32, cfg.hidden),
             window=max(1, cfg.seq_len // 2),
             n_mixtures=cfg.n_mixtures,
         )
