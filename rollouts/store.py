@@ -22,7 +22,8 @@ an episode of T steps:
 An episode file is written to a temporary name and renamed when complete, so an episode is either
 whole on disk or absent. The World Models recipe (10,000 episodes x 1,000 frames) is 123 GB as
 raw 64x64 frames; here a CarRacing frame takes about 1 KB, and readers hold at most a few
-episodes in memory at a time however large the store grows.
+episodes in memory at a time however large the store grows. `wm check-data`
+(rollouts/check_data.py) reads every file in full and lists the bad ones.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from gen_core.config import setting
 from gen_core.errors import UserError
 from gen_core.io import atomic_write_bytes, atomic_write_text
-from gen_core.runs import RunConfig
 
+STORE_FOLDER = "store"  # a run's episode store: <runs_dir>/<run_name>/store
 FORMAT = "worldmodels-episode-store"
 VERSION = 1
 EPISODE_KEYS = ("obs", "actions", "rewards", "terminated", "truncated")
@@ -297,35 +297,3 @@ class EpisodeStore(EpisodeFolder):
             except CorruptEpisodeError as err:
                 bad.append((self.episode_path(i), str(err)))
         return bad
-
-
-# ------------------------------------------------------------------------------- wm check-data
-
-
-@dataclass
-class CheckConfig(RunConfig):
-    """Settings of `wm check-data`."""
-
-    store: str = setting("", "store folder to check (default: <runs_dir>/<run_name>/store)")
-    delete_bad: bool = setting(False, "delete the bad episode files so 'wm collect' redoes them")
-
-    def store_path(self) -> Path:
-        return Path(self.store) if self.store else self.run_dir / "store"
-
-
-def check_main(cfg: CheckConfig) -> int:
-    """`wm check-data`: read every episode; print bad ones; exit 1 if any is bad."""
-    store = EpisodeStore(cfg.store_path())
-    store.info()
-    indices = store.indices()
-    total_bytes = sum(store.episode_path(i).stat().st_size for i in indices)
-    bad = store.check()
-    for path, problem in bad:
-        print(f"BAD {path}: {problem}")
-        if cfg.delete_bad:
-            path.unlink()
-    print(
-        f"{store.path}: {len(indices)} episodes, {len(bad)} bad, "
-        f"{total_bytes / 2**20:.1f} MiB" + (" (bad ones deleted)" if bad and cfg.delete_bad else "")
-    )
-    return 1 if bad else 0
