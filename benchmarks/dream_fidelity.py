@@ -17,7 +17,7 @@ Needs a finished run of the small pipeline (`wm pipeline --config configs/carrac
 With `--search`, step 1 also ranks 8 of the controller's own CMA-ES candidates (the best, two
 middle and the worst of its middle and last generations, by the dream return CMA-ES selected
 them by) in the dream and for real: the ranking evolution relies on, which tells dreams that
-evolve a driver from dreams that do not where the fixed policies cannot (docs/results/fidelity).
+evolve a driver from dreams that do not where the fixed policies cannot (experiments/fidelity).
 
 Last line: one JSON object. Real returns of the fixed policies are cached under runs/, so a second
 run costs only the dream side and the evaluation.
@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 
 from gen_core.config import load_config
-from worldmodels.cli import SECTIONS
 from worldmodels.evaluate import EvaluateConfig
 from worldmodels.evaluate import main as evaluate
 from worldmodels.evolve import load_search_history
 from worldmodels.fidelity import FidelityConfig
 from worldmodels.fidelity import main as fidelity
-from worldmodels.iterate import last_round_checkpoints
+from worldmodels.layout import RunLayout
+from worldmodels.stages import SECTIONS
 
 
 def main() -> None:
@@ -70,10 +70,9 @@ def main() -> None:
         SECTIONS,
     )
     # The last round of the iterative loop, if any.
-    controller = Path(
-        args.controller or fcfg.run_dir / last_round_checkpoints(fcfg.run_dir, "controller")
-    )
-    mdnrnn = fcfg.run_dir / last_round_checkpoints(fcfg.run_dir, "mdnrnn")
+    layout = RunLayout.of(fcfg)
+    controller = Path(args.controller or layout.controller_checkpoints(layout.last_round()))
+    m = layout.m_checkpoints(layout.last_round())
     if not controller.exists():
         raise SystemExit(f"{controller} not found: run the pipeline first")
     fcfg.controllers = [str(controller)]
@@ -82,13 +81,13 @@ def main() -> None:
         fcfg.search = str(controller)
         fcfg.search_generations = sorted({max(1, generations // 2), generations})
         fcfg.search_per_generation = 4
-    fcfg.mdnrnn = fcfg.mdnrnn or str(mdnrnn)
+    fcfg.m = fcfg.m or str(m)
     fidelity(fcfg)
-    fid = json.loads((fcfg.run_dir / "fidelity" / "benchmark" / "fidelity.json").read_text())
+    fid = json.loads((layout.fidelity / "benchmark" / "fidelity.json").read_text())
 
     scores = {}
     for name, extra in [
-        ("controller", [f"controller={controller}", f"mdnrnn={fcfg.mdnrnn}"]),
+        ("controller", [f"controller={controller}", f"m={fcfg.m}"]),
         ("full_gas", ["policy=constant", "policy_params={action: [0, 1, 0]}"]),
         ("random", ["policy=uniform"]),
     ]:
@@ -106,9 +105,7 @@ def main() -> None:
             SECTIONS,
         )
         evaluate(ecfg)
-        scores[name] = json.loads(
-            (ecfg.run_dir / "evaluate" / f"bench_{name}" / "score.json").read_text()
-        )
+        scores[name] = json.loads(RunLayout.of(ecfg).score(f"bench_{name}").read_text())
 
     out = {
         "name": "dream_fidelity",

@@ -41,8 +41,9 @@ from gen_core.vae import VAE, VAEConfig, images_to_float
 from rollouts.collect import CollectConfig
 from rollouts.collect import main as collect_main
 from rollouts.store import EpisodeStore
-from worldmodels.vae import TrainVAEConfig, heldout_frames, split_episodes, use_bf16
-from worldmodels.vae import main as train_main
+from worldmodels.episodes import split_episodes
+from worldmodels.train_vae import TrainVAEConfig, heldout_frames, use_bf16
+from worldmodels.train_vae import main as train_main
 
 
 class PlainVAE(nn.Module):
@@ -100,7 +101,7 @@ def plain_step(frames: torch.Tensor):
 
 
 def toolkit_step(frames: torch.Tensor, bf16: bool, compile: bool = False):
-    """The same step as `wm train-vae` does (see worldmodels.vae.main)."""
+    """The same step as `wm train-vae` does (see worldmodels.train_vae.main)."""
     model = VAE(VAEConfig()).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     if compile:

@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,6 +16,8 @@ from gen_core.config import (
 )
 from gen_core.runs import RunConfig
 from worldmodels.cli import main as wm
+from worldmodels.layout import M_FOLDER, RunLayout
+from worldmodels.stages import GEN_STAGES, SECTIONS, STAGES
 
 
 @dataclass
@@ -145,3 +148,35 @@ def test_cli_help_lists_commands_and_settings(capsys):
         wm(["collect", "--help"])
     out = capsys.readouterr().out
     assert "episodes=16" in out and "ray_address" in out
+
+
+def test_cli_lists_every_stage_of_the_registry(capsys):
+    with pytest.raises(SystemExit):
+        wm(["--help"])
+    out = capsys.readouterr().out
+    assert all(stage.name in out for stage in STAGES)
+
+
+def test_registry_points_at_real_stages_and_pipeline_sections():
+    from worldmodels.pipeline import PipelineConfig
+
+    for stage in STAGES + GEN_STAGES:
+        cls, func = stage.load()
+        assert dataclasses.is_dataclass(cls) and callable(func), stage.name
+    # The pipeline file has one section per stage that reads one.
+    assert set(SECTIONS) <= {f.name for f in dataclasses.fields(PipelineConfig)}
+    assert len(set(SECTIONS)) == len(SECTIONS)
+
+
+def test_run_layout_names_rounds_and_finds_the_last(tmp_path):
+    layout = RunLayout.of(from_dict(RunConfig, {"runs_dir": str(tmp_path), "run_name": "r"}))
+    assert layout == RunLayout(tmp_path / "r")
+    assert layout.m(0) == tmp_path / "r" / M_FOLDER
+    assert layout.m_checkpoints(2) == tmp_path / "r" / f"{M_FOLDER}_iter2" / "checkpoints"
+    assert layout.controller(1).name == "controller_iter1"
+    assert layout.score("random") == tmp_path / "r" / "evaluate" / "random" / "score.json"
+    assert layout.last_round() == 0  # no round beyond the first pass
+    layout.controller_checkpoints(2).mkdir(parents=True)
+    layout.controller(3).mkdir()  # no checkpoints yet: round 3 is not finished
+    (tmp_path / "r" / "controller_iterx" / "checkpoints").mkdir(parents=True)
+    assert layout.last_round() == 2

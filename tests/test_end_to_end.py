@@ -9,8 +9,8 @@ from PIL import Image
 from gen_core.checkpoint import load_checkpoint
 from rollouts.store import EpisodeStore
 from worldmodels.cli import main as wm
-from worldmodels.iterate import last_round
 from worldmodels.latents import LatentStore
+from worldmodels.layout import RunLayout
 
 TINY = """
 run_name: e2e
@@ -140,7 +140,7 @@ def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
     assert "controller_iter1" in evaluated and "mdnrnn_iter1" in evaluated
     report = json.loads((run / "report" / "score.json").read_text())
     assert report["iterations"] == 1
-    assert last_round(run) == "_iter1"  # what evaluate, fidelity and collect-agent default to
+    assert RunLayout(run).last_round() == 1  # what evaluate, fidelity, collect-agent default to
 
     args = [
         "fidelity",

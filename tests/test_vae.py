@@ -11,16 +11,11 @@ from gen_core.errors import UserError
 from gen_core.vae import VAE, VAEConfig, images_to_float, images_to_uint8
 from rollouts.store import EpisodeStore, StoreInfo
 from worldmodels.cli import main as wm
+from worldmodels.encode import EncodeConfig
+from worldmodels.encode import main as encode_main
+from worldmodels.episodes import prefetch, split_episodes
 from worldmodels.latents import LatentStore
-from worldmodels.vae import (
-    EncodeConfig,
-    TrainVAEConfig,
-    encode_main,
-    main,
-    oversized_decoder_hint,
-    prefetch,
-    split_episodes,
-)
+from worldmodels.train_vae import TrainVAEConfig, main, oversized_decoder_hint
 
 TINY = VAEConfig(image_size=16, z_dim=4, widths=(8, 16))
 

@@ -7,7 +7,7 @@ noise on its actions, and hands the wheel to the `explore` rollout policy for wh
 random, so the data shows both where the controller goes and what other actions do from there.
 
 Episodes are appended to the store after the ones already on disk (set `episodes` to the new
-total); `wm encode` then encodes only the new ones, and `wm train-mdnrnn` trains on them all.
+total); `wm encode` then encodes only the new ones, and `wm train-m` trains on them all.
 """
 
 from __future__ import annotations
@@ -22,26 +22,29 @@ from rollouts.collect import CollectConfig, collect
 from rollouts.policies import ExplorePolicy
 from worldmodels.agent import WorldModelAgent, load_agent_parts
 from worldmodels.evolve import load_controller_params
+from worldmodels.layout import CONTROLLER_FOLDER, M_FOLDER, RunLayout
 
 
-def last_round(run_dir: Path) -> str:
-    """Suffix of the run's last finished round of the loop: "" (none) or "_iterK".
+@dataclass
+class CollectAgentConfig(CollectConfig):
+    """Settings of `wm collect-agent` (the collection settings, plus the agent's)."""
 
-    A round is finished when its controller has a checkpoint; its M is `mdnrnn_iterK`. Commands
-    that use "the run's controller" (evaluate, fidelity, collect-agent) default to that round.
-    """
-    rounds = [
-        int(p.parent.name.removeprefix("controller_iter"))
-        for p in run_dir.glob("controller_iter*/checkpoints")
-        if p.parent.name.removeprefix("controller_iter").isdigit()
-    ]
-    return f"_iter{max(rounds)}" if rounds else ""
+    policy: str = setting("agent", "label stored with each episode")
+    controller: str = setting(
+        "", f"controller checkpoint (default: the run's last round, {CONTROLLER_FOLDER}[_iterK])"
+    )
+    params: str = setting("auto", "which parameters: scored, mean, best or auto")
+    vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
+    m: str = setting("", f"M checkpoint (default: the run's last round, {M_FOLDER}[_iterK])")
+    action_noise: float = setting(0.1, "std of Gaussian noise added to the agent's actions", min=0)
+    explore: float = setting(
+        0.3, "share of segments (~30 steps) driven by the explore policy", min=0, max=1
+    )
 
-
-def last_round_checkpoints(run_dir: Path, stage: str) -> str:
-    """The run's default checkpoints of `stage` ("controller" or "mdnrnn"), relative to the run
-    folder: those of the last finished round of the loop, where C and the M it read belong."""
-    return f"{stage}{last_round(run_dir)}/checkpoints"
+    def validate(self) -> None:
+        if self.params not in ("auto", "scored", "mean", "best"):
+            raise ConfigError(f"params: expected auto, scored, mean or best, got {self.params!r}")
+        super(CollectConfig, self).validate()  # any label will do for `policy`
 
 
 class ExploringAgent:
@@ -75,28 +78,6 @@ class ExploringAgent:
         return self.agent(obs, override=lambda a: self._act(obs, a))
 
 
-@dataclass
-class CollectAgentConfig(CollectConfig):
-    """Settings of `wm collect-agent` (the collection settings, plus the agent's)."""
-
-    policy: str = setting("agent", "label stored with each episode")
-    controller: str = setting(
-        "", "controller checkpoint (default: the run's last round, controller[_iterK])"
-    )
-    params: str = setting("auto", "which parameters: scored, mean, best or auto")
-    vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
-    mdnrnn: str = setting("", "M checkpoint (default: the run's last round, mdnrnn[_iterK])")
-    action_noise: float = setting(0.1, "std of Gaussian noise added to the agent's actions", min=0)
-    explore: float = setting(
-        0.3, "share of segments (~30 steps) driven by the explore policy", min=0, max=1
-    )
-
-    def validate(self) -> None:
-        if self.params not in ("auto", "scored", "mean", "best"):
-            raise ConfigError(f"params: expected auto, scored, mean or best, got {self.params!r}")
-        super(CollectConfig, self).validate()  # any label will do for `policy`
-
-
 class _AgentFactory:
     """Builds the exploring agent inside each worker (picklable for Ray)."""
 
@@ -113,14 +94,20 @@ class _AgentFactory:
 
 
 def main(cfg: CollectAgentConfig) -> int:
+    layout = RunLayout.of(cfg)
+    k = layout.last_round()  # C and the M it was evolved with belong to the same round
     params, ctrl_cfg = load_controller_params(
-        cfg.path(cfg.controller, last_round_checkpoints(cfg.run_dir, "controller")), cfg.params
+        Path(cfg.controller or layout.controller_checkpoints(k)), cfg.params
     )
     parts = load_agent_parts(
-        cfg.path(cfg.vae, "vae/checkpoints"),
-        cfg.path(cfg.mdnrnn, last_round_checkpoints(cfg.run_dir, "mdnrnn")),
+        Path(cfg.vae or layout.vae_checkpoints),
+        Path(cfg.m or layout.m_checkpoints(k)),
         cfg.store_path(),
         observe_hidden=ctrl_cfg.get("observe_hidden", True),
     )
-    collect(cfg, _AgentFactory(parts, params, cfg.action_noise, cfg.explore), stage="collect_agent")
+    collect(
+        cfg,
+        _AgentFactory(parts, params, cfg.action_noise, cfg.explore),
+        stage=layout.collect_agent.name,
+    )
     return 0

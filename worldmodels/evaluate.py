@@ -1,8 +1,9 @@
 """`wm evaluate`: score a controller (or a baseline policy) over N real-env episodes.
 
 Episodes run in parallel Ray actors on tracks that training never saw (seeds from a separate
-range). Writes `score.json` (mean, std, every return) and, for a controller, a GIF of one episode
-with V's reconstruction beside the real frame.
+range, `worldmodels.real_env.eval_seeds`). Writes `<run_dir>/evaluate/<name>/score.json` (mean,
+std, every return) and, for a controller, a GIF of one episode with V's reconstruction beside
+the real frame. The controller defaults to the run's last round, with the M it was evolved with.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 
 from gen_core.config import setting
-from gen_core.io import atomic_path, atomic_write_text
+from gen_core.io import atomic_write_text
 from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.collect import make_env
 from rollouts.parallel import ActorPool
 from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
 from worldmodels.evolve import load_controller_params
-from worldmodels.iterate import last_round_checkpoints
-from worldmodels.train_controller import RealEnvWorker
-
-EVAL_SEED_BASE = 1_000_000  # evaluation tracks never overlap the training seeds
+from worldmodels.layout import CONTROLLER_FOLDER, M_FOLDER, RunLayout
+from worldmodels.real_env import RealEnvWorker, eval_seeds
+from worldmodels.video import side_by_side, write_gif
 
 
 @dataclass
@@ -39,13 +38,13 @@ class EvaluateConfig(RunConfig):
         {}, "baseline policy arguments, e.g. {action: [0, 1, 0]}"
     )
     controller: str = setting(
-        "", "controller checkpoint (default: the run's last round, controller[_iterK])"
+        "", f"controller checkpoint (default: the run's last round, {CONTROLLER_FOLDER}[_iterK])"
     )
     params: Literal["auto", "scored", "mean", "best"] = setting(
         "auto", "which parameters: scored (best evaluated mean), mean, best candidate; auto"
     )
     vae: str = setting("", "V checkpoint (default: <run_dir>/vae/checkpoints)")
-    mdnrnn: str = setting("", "M checkpoint (default: the run's last round, mdnrnn[_iterK])")
+    m: str = setting("", f"M checkpoint (default: the run's last round, {M_FOLDER}[_iterK])")
     store: str = setting("", "episode store V was trained on (default: <run_dir>/store)")
     episodes: int = setting(100, "real-env episodes (tracks)", min=1)
     env_id: str = setting("CarRacingFast-v3", "gymnasium env id")
@@ -60,44 +59,23 @@ class EvaluateConfig(RunConfig):
         return self.workers or cores()
 
 
-def write_gif(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
-    """Write RGB frames (H, W, 3) uint8 as a looping GIF, atomically."""
-    images = [Image.fromarray(f) for f in frames]
-    with atomic_path(path, suffix=".gif") as tmp:
-        images[0].save(
-            tmp,
-            format="GIF",
-            save_all=True,
-            append_images=images[1:],
-            duration=int(1000 / fps),
-            loop=0,
-        )
-
-
-def side_by_side(real: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    """The env frame and V's reconstruction, scaled to the same height, side by side."""
-    h = real.shape[0]
-    rec = np.asarray(Image.fromarray(recon).resize((h, h), Image.Resampling.NEAREST))
-    gap = np.full((h, 2, 3), 255, np.uint8)
-    return np.concatenate([real, gap, rec], axis=1)
-
-
 def main(cfg: EvaluateConfig) -> int:
-    run = start_run(cfg, "evaluate")
+    layout = RunLayout.of(cfg)
+    run = start_run(cfg, "evaluate", folder=layout.evaluate.name)
     name = cfg.name or cfg.policy
     parts, params = None, None
     if cfg.policy == "controller":
+        k = layout.last_round()  # C and the M it was evolved with belong to the same round
         params, ctrl_cfg = load_controller_params(
-            cfg.path(cfg.controller, last_round_checkpoints(cfg.run_dir, "controller")),
-            cfg.params,
+            Path(cfg.controller or layout.controller_checkpoints(k)), cfg.params
         )
         parts = load_agent_parts(
-            cfg.path(cfg.vae, "vae/checkpoints"),
-            cfg.path(cfg.mdnrnn, last_round_checkpoints(cfg.run_dir, "mdnrnn")),
-            cfg.path(cfg.store, "store"),
+            Path(cfg.vae or layout.vae_checkpoints),
+            Path(cfg.m or layout.m_checkpoints(k)),
+            Path(cfg.store or layout.store),
             observe_hidden=ctrl_cfg.get("observe_hidden", True),
         )
-    seeds = [EVAL_SEED_BASE + cfg.seed * 10_000 + i for i in range(cfg.episodes)]
+    seeds = eval_seeds(cfg.seed, cfg.episodes)
     returns = np.zeros(cfg.episodes)
     pool = ActorPool(
         RealEnvWorker,
@@ -115,7 +93,7 @@ def main(cfg: EvaluateConfig) -> int:
     finally:
         bar.close()
         pool.close()
-    out = run.dir / name
+    out = layout.evaluation(name)
     out.mkdir(parents=True, exist_ok=True)
     score = {
         "policy": cfg.policy,
@@ -126,10 +104,10 @@ def main(cfg: EvaluateConfig) -> int:
         "env_id": cfg.env_id,
         "returns": [round(float(r), 2) for r in returns],
     }
-    atomic_write_text(out / "score.json", json.dumps(score, indent=2) + "\n")
+    atomic_write_text(layout.score(name), json.dumps(score, indent=2) + "\n")
     run.log.info(
         f"evaluate {name}: {returns.mean():.1f} +- {returns.std():.1f} over {cfg.episodes} "
-        f"episodes ({out / 'score.json'})"
+        f"episodes ({layout.score(name)})"
     )
     if cfg.gif:
         env = make_env(cfg.env_id, cfg.max_steps)
@@ -143,8 +121,8 @@ def main(cfg: EvaluateConfig) -> int:
         _, _, frames, recons = play_episode(env, policy, seeds[0], cfg.gif_steps, record=True)
         if recons:
             frames = [side_by_side(f, r) for f, r in zip(frames, recons)]
-        write_gif(out / "episode.gif", frames[::2])
-        run.log.info(f"evaluate {name}: GIF of episode 1 in {out / 'episode.gif'}")
+        write_gif(layout.episode_gif(name), frames[::2])
+        run.log.info(f"evaluate {name}: GIF of episode 1 in {layout.episode_gif(name)}")
     print(json.dumps({k: v for k, v in score.items() if k != "returns"}))
     run.close()
     return 0

@@ -1,9 +1,9 @@
 """`wm pipeline`: the whole chain from one config file, then a report.
 
-collect -> train-vae -> encode -> train-mdnrnn -> dream-video -> train-controller, then
-`iterations` rounds of World Models' iterative loop (collect-agent: episodes driven by the latest
-controller with exploration, appended to the store -> encode -> train-mdnrnn -> train-controller,
-each round in its own mdnrnn_iterK / controller_iterK folders), then evaluate (the last controller
+collect -> train-vae -> encode -> train M -> dream-video -> train-controller, then `iterations`
+rounds of World Models' iterative loop (collect-agent: episodes driven by the latest controller
+with exploration, appended to the store -> encode -> train M -> train-controller, each round in
+its own M and controller folders, `worldmodels.layout`), then evaluate (the last controller
 and, as baselines, uniform random actions and constant full gas, on the same tracks). Every stage
 resumes from what is on disk, so a finished stage costs nothing and a killed pipeline run again
 continues where it stopped. The report (`<run_dir>/report/report.md`) has
@@ -24,61 +24,53 @@ from gen_core.config import ConfigError, from_dict, setting
 from gen_core.io import atomic_write_text
 from gen_core.plots import line_chart, read_scalars
 from gen_core.runs import RunConfig, start_run
+from worldmodels.layout import CONFIG, TB, RunLayout
+from worldmodels.stages import SECTIONS, stage_of_section
 
-# (section, module, config class, function); imported lazily so a bad config fails fast.
-STAGES = [
-    ("collect", "rollouts.collect", "CollectConfig", "main"),
-    ("vae", "worldmodels.vae", "TrainVAEConfig", "main"),
-    ("encode", "worldmodels.vae", "EncodeConfig", "encode_main"),
-    ("mdnrnn", "worldmodels.mdnrnn", "TrainMDNRNNConfig", "main"),
-    ("dream", "worldmodels.dream_video", "DreamVideoConfig", "main"),
-    ("controller", "worldmodels.train_controller", "TrainControllerConfig", "main"),
-    ("collect_agent", "worldmodels.iterate", "CollectAgentConfig", "main"),
-    ("evaluate", "worldmodels.evaluate", "EvaluateConfig", "main"),
-    # Not run by the pipeline: `wm fidelity` and benchmarks/dream_fidelity.py read this section.
-    ("fidelity", "worldmodels.fidelity", "FidelityConfig", "main"),
-]
 BASELINES = {
     "random": {"policy": "uniform"},
     "full_gas": {"policy": "constant", "policy_params": {"action": [0.0, 1.0, 0.0]}},
 }
 
 
+def _section(name: str, note: str = ""):
+    """A pipeline file's section for one stage: the settings of the command that reads it."""
+    return setting({}, f"settings of wm {stage_of_section(name).name}" + note)
+
+
 @dataclass
 class PipelineConfig(RunConfig):
     """Settings of `wm pipeline`: shared settings plus one section per stage."""
 
-    collect: dict[str, Any] = setting({}, "settings of wm collect")
-    vae: dict[str, Any] = setting({}, "settings of wm train-vae")
-    encode: dict[str, Any] = setting({}, "settings of wm encode")
-    mdnrnn: dict[str, Any] = setting({}, "settings of wm train-mdnrnn")
-    dream: dict[str, Any] = setting({}, "settings of wm dream-video")
-    controller: dict[str, Any] = setting({}, "settings of wm train-controller")
-    collect_agent: dict[str, Any] = setting(
-        {}, "settings of wm collect-agent for the iterations; episodes: added per round"
+    collect: dict[str, Any] = _section("collect")
+    vae: dict[str, Any] = _section("vae")
+    encode: dict[str, Any] = _section("encode")
+    mdnrnn: dict[str, Any] = _section("mdnrnn")
+    dream: dict[str, Any] = _section("dream")
+    controller: dict[str, Any] = _section("controller")
+    collect_agent: dict[str, Any] = _section(
+        "collect_agent", " for the iterations; episodes: added per round"
     )
     iterations: int = setting(
-        0, "rounds of collect-agent -> encode -> train-mdnrnn -> train-controller", min=0
+        0, "rounds of collect-agent -> encode -> train M -> train-controller", min=0
     )
-    evaluate: dict[str, Any] = setting({}, "settings of wm evaluate (the controller and baselines)")
+    evaluate: dict[str, Any] = _section("evaluate", " (the controller and baselines)")
     baselines: bool = setting(True, "also score uniform random actions and constant full gas")
-    fidelity: dict[str, Any] = setting(
-        {}, "settings of wm fidelity (checked here; the pipeline does not run it)"
-    )
+    fidelity: dict[str, Any] = _section("fidelity", " (checked here; the pipeline does not run it)")
 
     def validate(self) -> None:
         super().validate()
-        for section, *_ in STAGES:
-            self.stage_config(section)  # every stage's settings are checked before any runs
+        # Every stage's settings are checked before any runs, fidelity's too: `wm fidelity` and
+        # benchmarks/dream_fidelity.py read that section of the same file.
+        for section in SECTIONS:
+            self.stage_config(section)
 
     def shared(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)}
 
     def stage_config(self, section: str, **extra: Any):
-        import importlib
-
-        _, module, cls_name, _ = next(s for s in STAGES if s[0] == section)
-        cls = getattr(importlib.import_module(module), cls_name)
+        """The config of the stage that reads `section`: shared settings, the section, `extra`."""
+        cls, _ = stage_of_section(section).load()
         try:
             return from_dict(cls, {**self.shared(), **getattr(self, section), **extra})
         except ConfigError as err:
@@ -92,20 +84,15 @@ def _last_per_step(steps: list[int], values: list[float]) -> tuple[list[int], li
     return keys, [d[k] for k in keys]
 
 
-def write_report(
-    cfg: PipelineConfig,
-    scores: dict[str, dict],
-    wall_time: float,
-    mdnrnn_dir: str = "mdnrnn",
-    controller_dir: str = "controller",
-) -> Path:
-    run_dir = cfg.run_dir
-    out = run_dir / "report"
+def write_report(cfg: PipelineConfig, scores: dict[str, dict], wall_time: float, k: int) -> Path:
+    """report.md, score.json and PNG charts of V, M and C (M and C of round `k`)."""
+    layout = RunLayout.of(cfg)
+    out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     charts = []
 
-    def chart(name: str, stage: str, tags: dict[str, str], title: str, xlabel: str) -> None:
-        scalars = read_scalars(run_dir / stage / "tb")
+    def chart(name: str, folder: Path, tags: dict[str, str], title: str, xlabel: str) -> None:
+        scalars = read_scalars(folder / TB)
         series = {
             label: _last_per_step(*scalars[tag]) for label, tag in tags.items() if tag in scalars
         }
@@ -115,21 +102,21 @@ def write_report(
 
     chart(
         "vae_loss",
-        "vae",
+        layout.vae,
         {"held-out mse/px": "vae/heldout_mse"},
         "V: held-out MSE per pixel",
         "epoch",
     )
     chart(
-        "mdnrnn_loss",
-        mdnrnn_dir,
-        {"train loss": "mdnrnn/train_loss", "held-out NLL/dim": "mdnrnn/heldout_nll"},
+        "m_loss",
+        layout.m(k),
+        {"train loss": "m/train_loss", "held-out NLL/dim": "m/heldout_nll"},
         "M: losses per epoch",
         "epoch",
     )
     chart(
         "cmaes",
-        controller_dir,
+        layout.controller(k),
         {
             "best": "controller/return_best",
             "mean": "controller/return_mean",
@@ -157,7 +144,7 @@ def write_report(
         f"# World Models pipeline: {cfg.run_name}",
         "",
         f"Wall time of this invocation: {wall_time / 60:.1f} min. Config: "
-        f"`{run_dir}/pipeline/config.yaml`.",
+        f"`{layout.pipeline / CONFIG}`.",
         "",
         "## Real-env scores",
         "",
@@ -174,52 +161,54 @@ def write_report(
 
 
 def main(cfg: PipelineConfig) -> int:
-    import importlib
-
     t0 = time.perf_counter()
-    run = start_run(cfg, "pipeline", torch_needed=False)
+    layout = RunLayout.of(cfg)
+    run = start_run(cfg, "pipeline", torch_needed=False, folder=layout.pipeline.name)
     log = run.log
 
     def stage(section: str, **extra: Any) -> None:
         log.info(f"pipeline: stage {section}" + (f" {extra}" if extra else ""))
-        _, module, _, func = next(s for s in STAGES if s[0] == section)
-        getattr(importlib.import_module(module), func)(cfg.stage_config(section, **extra))
+        _, func = stage_of_section(section).load()
+        func(cfg.stage_config(section, **extra))
 
-    for section in ("collect", "vae", "encode", "mdnrnn", "dream", "controller"):
-        stage(section)
-    m_dir, c_dir = "mdnrnn", "controller"
+    # Round 0 is the first pass on the random rollouts; round k >= 1 adds the episodes driven
+    # by round k-1's controller and trains M and C again, each in its own folders. Where every
+    # stage reads and writes is set here from the layout, not left to each stage's default.
+    stage("collect")
+    stage("vae")
+    stage("encode")
     first = cfg.stage_config("collect").episodes
     per_round = cfg.collect_agent.get("episodes", 100)
-    for k in range(1, cfg.iterations + 1):
-        paths = {
-            "mdnrnn": str(cfg.run_dir / m_dir / "checkpoints"),
-            "controller": str(cfg.run_dir / c_dir / "checkpoints"),
-        }
-        stage("collect_agent", episodes=first + k * per_round, **paths)
-        stage("encode")
-        m_dir, c_dir = f"mdnrnn_iter{k}", f"controller_iter{k}"
-        stage("mdnrnn", out_name=m_dir)
-        stage("controller", out_name=c_dir, mdnrnn=str(cfg.run_dir / m_dir / "checkpoints"))
-    from worldmodels.evaluate import main as evaluate
+    for k in range(cfg.iterations + 1):
+        if k:
+            stage(
+                "collect_agent",
+                episodes=first + k * per_round,
+                m=str(layout.m_checkpoints(k - 1)),
+                controller=str(layout.controller_checkpoints(k - 1)),
+            )
+            stage("encode")
+        m = str(layout.m_checkpoints(k))
+        stage("mdnrnn", out_name=layout.m(k).name)
+        if not k:
+            stage("dream", m=m)
+        stage("controller", out_name=layout.controller(k).name, m=m)
 
     scores = {}
     policies = {"controller": {}} | (BASELINES if cfg.baselines else {})
     for name, extra in policies.items():
         if name == "controller":
             extra = {
-                "mdnrnn": str(cfg.run_dir / m_dir / "checkpoints"),
-                "controller": str(cfg.run_dir / c_dir / "checkpoints"),
+                "m": str(layout.m_checkpoints(cfg.iterations)),
+                "controller": str(layout.controller_checkpoints(cfg.iterations)),
             }
-        ecfg = cfg.stage_config("evaluate", name=name, **extra)
-        score_file = ecfg.run_dir / "evaluate" / name / "score.json"
-        if not score_file.exists():
-            log.info(f"pipeline: evaluate {name}")
-            evaluate(ecfg)
-        scores[name] = json.loads(score_file.read_text())
-    out = write_report(cfg, scores, time.perf_counter() - t0, m_dir, c_dir)
+        if not layout.score(name).exists():
+            stage("evaluate", name=name, **extra)
+        scores[name] = json.loads(layout.score(name).read_text())
+    out = write_report(cfg, scores, time.perf_counter() - t0, cfg.iterations)
     log.info(
         f"pipeline: report in {out / 'report.md'}; "
-        + ", ".join(f"{k} {v['mean']:.1f} +- {v['std']:.1f}" for k, v in scores.items())
+        + ", ".join(f"{name} {s['mean']:.1f} +- {s['std']:.1f}" for name, s in scores.items())
     )
     run.close()
     return 0

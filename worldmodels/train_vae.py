@@ -1,15 +1,11 @@
-"""`wm train-vae` and `wm encode`: the vision model V of World Models, on the rollout store.
+"""`wm train-vae`: the vision model V of World Models, trained on the rollout store.
 
-`wm train-vae` trains `gen_core.vae.VAE` on the frames of an episode store: random frames drawn
-across episodes through a bounded shuffle buffer, decoded by a background thread so the model
-never waits for data, with whole episodes held out for evaluation. After every epoch it writes a
-checkpoint (model, optimiser, RNG, epoch) to `<run>/vae/checkpoints`, a PNG of held-out frames
-above their reconstructions and a PNG of samples from the prior; run it again to resume.
-
-`wm encode` runs the trained encoder over every stored episode and writes mu and logvar of every
-frame (float32 by default) next to the episode's actions, rewards and end flags into
-`<run>/latents` (see `worldmodels.latents`). It skips episodes already encoded by the same
-checkpoint and re-encodes everything when the VAE has changed.
+It trains `gen_core.vae.VAE` on the frames of an episode store: random frames drawn across
+episodes through a bounded shuffle buffer, decoded by a background thread so the model never
+waits for data, with whole episodes held out for evaluation (`worldmodels.episodes`: the same
+rule M uses). After every epoch it writes a checkpoint (model, optimiser, RNG, epoch) to
+`<run>/vae/checkpoints`, a PNG of held-out frames above their reconstructions and a PNG of samples
+from the prior; run it again to resume. `wm encode` then turns every episode into latents.
 
 Speed on 2 CPU cores (AMD Zen 4 with AVX512-BF16; benchmarks/vae_train.py), batch 100. A plain
 eager version of the same network (nn.Sequential, fp32, NCHW, default Adam) costs 3.9 ms of CPU
@@ -37,13 +33,10 @@ version: 680-800 against 445-490 frames/s on two cores (1.5-1.65x). What it is m
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -65,7 +58,8 @@ from gen_core.io import atomic_write_bytes
 from gen_core.runs import RunConfig, progress, resolve_device, start_run
 from gen_core.vae import VAE, VAEConfig, images_to_float, images_to_uint8
 from rollouts.store import EpisodeStore
-from worldmodels.latents import LatentStore
+from worldmodels.episodes import prefetch, split_episodes
+from worldmodels.layout import RunLayout
 
 # VAEConfig fields that fix the shapes of the weights: a checkpoint must match them to resume.
 SHAPE_KEYS = ["image_size", "channels", "z_dim", "widths"]
@@ -124,77 +118,9 @@ class TrainVAEConfig(RunConfig):
                 f"widths: expected a non-empty list of positive integers, got {self.widths}"
             )
 
-    def store_path(self) -> Path:
-        return Path(self.store) if self.store else self.run_dir / "store"
-
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def split_episodes(indices: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) episode indices, at least one held out.
-
-    Each episode's side is fixed by a hash of (seed, index) alone, so adding episodes to the
-    store later never moves an episode that was held out into training.
-    """
-    if len(indices) < 2:
-        raise UserError(
-            f"the store has {len(indices)} episode(s); training needs at least 2 (one is held out)"
-        )
-    score = {i: np.random.default_rng([seed, i, 7919]).random() for i in indices}
-    heldout = [i for i in indices if score[i] < fraction]
-    if not heldout:
-        heldout = [min(indices, key=score.__getitem__)]
-    if len(heldout) == len(indices):
-        heldout = heldout[:-1]
-    held = set(heldout)
-    return [i for i in indices if i not in held], heldout
-
-
-def prefetch(iterable: Iterable, depth: int) -> Iterator:
-    """Iterate `iterable` in a background thread, keeping up to `depth` items ready.
-
-    Decompressing episodes and shuffling frames (zlib and numpy copies, which release the GIL)
-    then overlaps the training step. Errors in the thread are raised here; leaving the loop early
-    stops the thread.
-    """
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in iterable:
-                if not put(item):
-                    return
-        except BaseException as err:  # handed to the consumer, raised there
-            put(err)
-            return
-        put(done)
-
-    thread = threading.Thread(target=work, name="vae-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def train_batches(
@@ -246,7 +172,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: VAE, frames: torch.Tensor, batch_size: int) -> dict[str, float]:
+def heldout_scores(model: VAE, frames: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Held-out reconstruction MSE per pixel (decoding mu, in float32) and mean KL per frame."""
     model.eval()
     sq_err = kl = 0.0
@@ -351,9 +277,10 @@ def oversized_decoder_hint(vcfg: VAEConfig, params: int | None = None) -> str | 
 
 def main(cfg: TrainVAEConfig) -> int:
     """Train the VAE on the store's frames for `cfg.epochs` epochs, resuming from a checkpoint."""
-    run = start_run(cfg, "vae")
+    layout = RunLayout.of(cfg)
+    run = start_run(cfg, "vae", folder=layout.vae.name)
     device = resolve_device(cfg.device)
-    store = EpisodeStore(cfg.store_path())
+    store = EpisodeStore(cfg.store or layout.store)
     meta = store.info()
     train_eps, heldout_eps = split_episodes(store.indices(), cfg.heldout_fraction, cfg.seed)
     vcfg = vae_config(cfg, meta["frame_shape"])
@@ -362,7 +289,7 @@ def main(cfg: TrainVAEConfig) -> int:
     # build
     model = VAE(vcfg).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-    ckpt_dir = run.dir / "checkpoints"
+    ckpt_dir = layout.vae_checkpoints
     start_epoch = 0
     if latest_checkpoint(ckpt_dir) is not None:
         ckpt = load_checkpoint(ckpt_dir, map_location=device)
@@ -426,7 +353,7 @@ def main(cfg: TrainVAEConfig) -> int:
 
         # log
         train = {k: v / max(steps, 1) for k, v in sums.items()}
-        held = evaluate(model, heldout, cfg.batch_size)
+        held = heldout_scores(model, heldout, cfg.batch_size)
         fps = steps * cfg.batch_size / elapsed
         grid = write_pictures(model, heldout, cfg, run.dir, epoch + 1)
         run.log.info(
@@ -456,112 +383,5 @@ def main(cfg: TrainVAEConfig) -> int:
         save_checkpoint(
             ckpt_dir, epoch + 1, model.state_dict(), state, to_dict(cfg), keep=cfg.keep_checkpoints
         )
-    run.close()
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# wm encode
-
-
-@dataclass
-class EncodeConfig(RunConfig):
-    """Settings of `wm encode`."""
-
-    store: str = setting("", "episode store to encode (default: <runs_dir>/<run_name>/store)")
-    vae: str = setting(
-        "", "VAE checkpoint: a step folder or a checkpoints folder (default: the run's latest)"
-    )
-    out: str = setting("", "latent store folder (default: <runs_dir>/<run_name>/latents)")
-    batch_size: int = setting(500, "frames encoded at once", min=1)
-    dtype: Literal["float32", "float16"] = setting(
-        "float32", "dtype of the stored mu and logvar (float16 halves the files)"
-    )
-
-    def store_path(self) -> Path:
-        return Path(self.store) if self.store else self.run_dir / "store"
-
-    def vae_path(self) -> Path:
-        return Path(self.vae) if self.vae else self.run_dir / "vae" / "checkpoints"
-
-    def out_path(self) -> Path:
-        return Path(self.out) if self.out else self.run_dir / "latents"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@torch.no_grad()
-def encode_frames(model: VAE, obs: np.ndarray, batch_size: int, device) -> tuple[np.ndarray, ...]:
-    """mu, logvar (N, z_dim) float32 of uint8 frames (N, H, W, 3), in float32 on `device`."""
-    mus, logvars = [], []
-    for start in range(0, len(obs), batch_size):
-        x = images_to_float(torch.from_numpy(obs[start : start + batch_size]).to(device))
-        mu, logvar = model.encode(x)
-        mus.append(mu.float().cpu().numpy())
-        logvars.append(logvar.float().cpu().numpy())
-    return np.concatenate(mus), np.concatenate(logvars)
-
-
-def encode_main(cfg: EncodeConfig) -> int:
-    """Encode every stored episode with the trained VAE into the latent store."""
-    run = start_run(cfg, "encode")
-    device = resolve_device(cfg.device)
-    store = EpisodeStore(cfg.store_path())
-    store.info()
-    ckpt = load_checkpoint(cfg.vae_path(), map_location=device)
-    if "vae_config" not in ckpt.state:
-        raise UserError(f"{ckpt.path}: not a VAE checkpoint (no vae_config); run 'wm train-vae'")
-    vcfg = VAEConfig(**ckpt.state["vae_config"])
-    model = VAE(vcfg).to(device, memory_format=torch.channels_last)
-    model.load_state_dict(ckpt.model)
-    model.eval()
-
-    # The latents belong to one checkpoint: keep them only if they were made by this very one.
-    identity = {
-        "vae_checkpoint": str(ckpt.path),
-        "vae_step": ckpt.step,
-        "vae_sha256": file_sha256(ckpt.path / "model.pt"),
-        "z_dim": vcfg.z_dim,
-        "dtype": cfg.dtype,
-    }
-    latents = LatentStore(cfg.out_path())
-    try:
-        old = latents.info() if latents.exists() else {}
-    except UserError:  # unreadable metadata: encode everything again
-        old = {}
-    same = bool(old) and all(old.get(k) == v for k, v in identity.items() if k != "vae_checkpoint")
-    if not same:
-        if latents.exists() and len(latents):
-            run.log.info(f"encode: the VAE changed; re-encoding all {len(latents)} episodes")
-        latents.remove_episodes()
-        latents.write_info({**identity, "store": str(store.path)})
-    have = set(latents.indices())
-    todo = [i for i in store.indices() if i not in have]
-    run.log.info(
-        f"encode: {len(todo)} of {len(store)} episodes to encode with {ckpt.path} "
-        f"(epoch {ckpt.step}), {cfg.dtype} latents into {latents.path}"
-    )
-
-    frames = 0
-    t0 = time.perf_counter()
-    episodes = store.iter_episodes(("obs", "actions", "rewards", "terminated", "truncated"), todo)
-    for index, ep in progress(
-        prefetch(episodes, 2), total=len(todo), unit="ep", desc="encode", disable=not cfg.progress
-    ):
-        mu, logvar = encode_frames(model, ep.pop("obs"), cfg.batch_size, device)
-        latent = {"mu": mu.astype(cfg.dtype), "logvar": logvar.astype(cfg.dtype)}
-        latents.write_episode(index, {**latent, **ep})
-        frames += len(mu)
-    elapsed = time.perf_counter() - t0
-    run.log.info(
-        f"encode: {len(todo)} episodes, {frames} frames in {elapsed:.1f} s "
-        f"({frames / max(elapsed, 1e-9):.0f} frames/s); latent store has {len(latents)} episodes"
-    )
     run.close()
     return 0
