@@ -1,6 +1,7 @@
 """M on real encoded CarRacing data: held-out NLL per latent dimension vs a persistence baseline.
 
-Trains M through the toolkit's own `wm train-mdnrnn` code (`worldmodels.mdnrnn.main`) on a latent
+Trains M (`--kind lstm`: the MDN-RNN, or `transformer`) through the toolkit's own `wm train-m`
+code (`worldmodels.train_m.main`) on a latent
 store (default: the small config's, `runs/carracing_small/latents`, made by `wm pipeline` or by
 collect -> train-vae -> encode), for a fixed time budget, then scores held-out episodes:
 
@@ -10,7 +11,7 @@ collect -> train-vae -> encode), for a fixed time budget, then scores held-out e
 - reward_mse vs mean_reward_mse (predicting the training mean), done accuracy on the final steps
   and on all steps, and training sequence-steps/s on this machine.
 
-    python benchmarks/mdnrnn.py [--latents DIR] [--epochs 8]
+    python benchmarks/m_heldout.py [--latents DIR] [--epochs 8] [--kind lstm|transformer]
 """
 
 from __future__ import annotations
@@ -26,17 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_core.checkpoint import load_checkpoint
 from gen_core.config import from_dict
 from worldmodels.latents import LatentStore
-from worldmodels.mdnrnn import (
-    TrainMDNRNNConfig,
-    load_episodes,
-    load_mdnrnn,
-    make_chunks,
-    split_latent_episodes,
-)
-from worldmodels.mdnrnn import main as train_mdnrnn
+from worldmodels.layout import RunLayout
+from worldmodels.models import load_m
+from worldmodels.sequences import load_episodes, make_chunks
+from worldmodels.train_m import TrainMConfig, split_latent_episodes
+from worldmodels.train_m import main as train_m
 
 
 def persistence_nll(train, held) -> float:
@@ -54,6 +51,7 @@ def main() -> None:
     p.add_argument("--latents", default="runs/carracing_small/latents")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--kind", choices=["lstm", "transformer"], default="lstm")
     args = p.parse_args()
     latents = Path(args.latents)
     if not LatentStore(latents).exists():
@@ -64,27 +62,28 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     with tempfile.TemporaryDirectory() as root:
         cfg = from_dict(
-            TrainMDNRNNConfig,
+            TrainMConfig,
             {
                 "runs_dir": root,
                 "run_name": "bench",
                 "latents": str(latents),
                 "epochs": args.epochs,
                 "hidden": args.hidden,
+                "kind": args.kind,
                 "progress": False,
                 "seed": 0,
             },
         )
         t0 = time.perf_counter()
-        train_mdnrnn(cfg)
+        train_m(cfg)
         train_s = time.perf_counter() - t0
-        ck = load_checkpoint(Path(root) / "bench" / "mdnrnn" / "checkpoints")
-        model, _ = load_mdnrnn(ck.path)
-        episodes = load_episodes(LatentStore(latents), cfg)
-        train_eps, held_eps = split_latent_episodes(LatentStore(latents), episodes, cfg)
+        model, _ = load_m(RunLayout(Path(root) / "bench").m_checkpoints())
+        store = LatentStore(latents)
+        episodes = load_episodes(store, cfg.reward_target, cfg.reward_clip)
+        train_eps, held_eps = split_latent_episodes(store, episodes, cfg.heldout_fraction, cfg.seed)
         rng = np.random.default_rng(123)
-        train = make_chunks(train_eps, cfg.seq_len, rng, True, False)
-        held = make_chunks(held_eps, cfg.seq_len, rng, True, False)
+        train = make_chunks(train_eps, cfg.seq_len, rng, 1.0, False)
+        held = make_chunks(held_eps, cfg.seq_len, rng, 1.0, False)
         with torch.no_grad():
             out = model(held["z"], held["actions"])
             terms = model.loss(out, held["z_next"], held["rewards"], held["done"], held["mask"])
@@ -104,7 +103,8 @@ def main() -> None:
         terminated_share = float(np.mean([ep.done[-1] for ep in episodes]))
     tb_steps = sum(len(ep.actions) for ep in train_eps) * args.epochs / train_s
     result = {
-        "name": "mdnrnn",
+        "name": "m_heldout",
+        "kind": args.kind,
         "nll_per_dim": round(float(terms["nll"]), 4),
         "persistence_nll_per_dim": round(persistence_nll(train, held), 4),
         "reward_mse": round(float(terms["reward_mse"]), 5),
