@@ -1,5 +1,5 @@
 """The whole chain on tiny settings through `wm pipeline`: collect -> train-vae -> encode ->
-train-mdnrnn -> dream-video -> train-controller (dream) -> evaluate (controller and baselines)."""
+train-m -> dream-video -> train-controller (dream) -> evaluate (controller and baselines)."""
 
 import json
 
@@ -9,6 +9,7 @@ from PIL import Image
 from gen_core.checkpoint import load_checkpoint
 from rollouts.store import EpisodeStore
 from worldmodels.cli import main as wm
+from worldmodels.evolve import load_search_history
 from worldmodels.latents import LatentStore
 from worldmodels.layout import RunLayout
 
@@ -18,11 +19,11 @@ seed: 1
 progress: false
 collect: {episodes: 4, max_steps: 60, backend: inline}
 vae: {epochs: 1, batch_size: 32, z_dim: 8, widths: [8, 16, 16, 16]}
-mdnrnn: {epochs: 2, hidden: 16, seq_len: 20, batch_size: 4}
-dream: {context: 20, steps: 10, scale: 1}
+m: {epochs: 2, hidden: 16, seq_len: 20, batch_size: 4}
+dream: {warmup: 5}
+dream_video: {start: 20, steps: 10, scale: 1}
 controller: {mode: dream, population: 4, trials: 2, generations: 2, dream_steps: 15,
-             start_states: 8, warmup: 5, eval_every: 1, eval_trials: 1, max_steps: 30,
-             workers: 1}
+             start_states: 8, eval_every: 1, eval_trials: 1, max_steps: 30, workers: 1}
 evaluate: {episodes: 2, max_steps: 30, workers: 1, gif_steps: 10}
 """
 
@@ -66,9 +67,9 @@ def test_tiny_pipeline_through_the_cli(tmp_path):
 
 def test_pipeline_checks_every_section_before_running(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("collect: {episodes: 2}\nmdnrnn: {hidden: -3}\n")
+    cfg.write_text("collect: {episodes: 2}\nm: {hidden: -3}\n")
     assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}"]) == 2
-    assert "mdnrnn.hidden: expected a value >= 1" in capsys.readouterr().err
+    assert "m.hidden: expected a value >= 1" in capsys.readouterr().err
     assert not (tmp_path / "default" / "store").exists()
     # The fidelity section (read by wm fidelity from the same file) is checked too.
     cfg.write_text("collect: {episodes: 2}\nfidelity: {tracks: 0}\n")
@@ -101,7 +102,7 @@ def test_real_mode_controller_training_uses_ray_workers(tmp_path):
         "run_name=real",
         "progress=false",
         f"vae={run / 'vae'}",
-        f"mdnrnn={run / 'mdnrnn'}",
+        f"m={run / 'm'}",
         f"store={run / 'store'}",
         "mode=real",
         "population=3",
@@ -113,9 +114,9 @@ def test_real_mode_controller_training_uses_ray_workers(tmp_path):
     ]
     assert wm(args) == 0
     ck = load_checkpoint(tmp_path / "real" / "controller" / "checkpoints")
-    assert ck.step == 2 and len(ck.model["candidates"]) == 2
-    fitness = ck.model["fitness"][0].numpy()
-    assert fitness.shape == (3,) and np.all(np.abs(fitness) > 0)  # real returns (-0.1/frame ...)
+    candidates, returns, _ = load_search_history(tmp_path / "real" / "controller" / "checkpoints")
+    assert ck.step == 2 and len(candidates) == 2
+    assert returns[0].shape == (3,) and np.all(np.abs(returns[0]) > 0)  # -0.1/frame ...
     log = (tmp_path / "real" / "controller" / "log.txt").read_text()
     assert "mode real" in log and "gen 2/2" in log
 
@@ -134,10 +135,10 @@ def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
     labels = sorted(str(ep["policy"]) for _, ep in store.iter_episodes(keys=("policy",)))
     assert labels == ["agent", "agent", "correlated", "correlated", "correlated", "correlated"]
     assert len(LatentStore(run / "latents").indices()) == 6
-    assert load_checkpoint(run / "mdnrnn_iter1" / "checkpoints").step == 2
+    assert load_checkpoint(run / "m_iter1" / "checkpoints").step == 2
     assert load_checkpoint(run / "controller_iter1" / "checkpoints").step == 2
     evaluated = (run / "evaluate" / "config.yaml").read_text()
-    assert "controller_iter1" in evaluated and "mdnrnn_iter1" in evaluated
+    assert "controller_iter1" in evaluated and "m_iter1" in evaluated
     report = json.loads((run / "report" / "score.json").read_text())
     assert report["iterations"] == 1
     assert RunLayout(run).last_round() == 1  # what evaluate, fidelity, collect-agent default to
@@ -149,7 +150,7 @@ def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
         "progress=false",
         "tracks=2",
         "horizon=12",
-        "warmup=4",
+        "start_step=4",
         "dream_samples=2",
         "workers=1",
         "horizons=[1,3]",
@@ -163,18 +164,18 @@ def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
         "strip_dreams=2",
     ]
     assert wm(args) == 0
-    out = json.loads((run / "fidelity" / "tau1" / "fidelity.json").read_text())
+    out = json.loads((run / "fidelity" / "tau1.15" / "fidelity.json").read_text())
     # 3 fixed and the controller; apart, the best and worst candidate of generations 1 and 2.
     assert out["policies"] == 4 and -1 <= out["spearman"] <= 1
     names = [row["policy"] for row in out["search_table"]]
     assert names == ["g1_r1", "g1_r4", "g2_r1", "g2_r4"]  # population 4
     assert out["search"]["candidates"] == 4 and -1 <= out["search"]["recorded_spearman"] <= 1
-    assert Image.open(run / "fidelity" / "tau1" / "search.png").size == (640, 480)
-    assert "CMA-ES candidates" in (run / "fidelity" / "tau1" / "fidelity.md").read_text()
+    assert Image.open(run / "fidelity" / "tau1.15" / "search.png").size == (640, 480)
+    assert "CMA-ES candidates" in (run / "fidelity" / "tau1.15" / "fidelity.md").read_text()
     assert out["real_stop"] == -1.2  # 12 standing steps at -0.1
     assert {"z_mse_1", "z_mse_3", "reward_mae_3"} <= set(out["open_loop"])
-    assert Image.open(run / "fidelity" / "tau1" / "fidelity.png").size == (640, 480)
+    assert Image.open(run / "fidelity" / "tau1.15" / "fidelity.png").size == (640, 480)
     # Steps 0, 5, 10 of full gas: the real row over 2 dreams, tiles of 64 + 2 px.
-    assert Image.open(run / "fidelity" / "tau1" / "strip.png").size == (3 * 66, 3 * 66 + 8)
-    assert "strip.png" in (run / "fidelity" / "tau1" / "fidelity.md").read_text()
+    assert Image.open(run / "fidelity" / "tau1.15" / "strip.png").size == (3 * 66, 3 * 66 + 8)
+    assert "strip.png" in (run / "fidelity" / "tau1.15" / "fidelity.md").read_text()
     assert (tmp_path / "fidelity_real_cache.json").exists()

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gen_core.config import ConfigError, from_dict, setting
+from gen_core.config import ConfigError, from_dict, merge, setting, to_dict
 from gen_core.io import atomic_write_text
 from gen_core.plots import line_chart, read_scalars
 from gen_core.runs import RunConfig, start_run
+from worldmodels.dream import DreamConfig
 from worldmodels.layout import CONFIG, TB, RunLayout
 from worldmodels.stages import SECTIONS, stage_of_section
 
@@ -45,8 +46,12 @@ class PipelineConfig(RunConfig):
     collect: dict[str, Any] = _section("collect")
     vae: dict[str, Any] = _section("vae")
     encode: dict[str, Any] = _section("encode")
-    mdnrnn: dict[str, Any] = _section("mdnrnn")
-    dream: dict[str, Any] = _section("dream")
+    m: dict[str, Any] = _section("m")
+    dream: DreamConfig = setting(
+        default_factory=DreamConfig,
+        doc="how M dreams, for every stage that dreams (train-controller, fidelity, dream-video)",
+    )
+    dream_video: dict[str, Any] = _section("dream_video")
     controller: dict[str, Any] = _section("controller")
     collect_agent: dict[str, Any] = _section(
         "collect_agent", " for the iterations; episodes: added per round"
@@ -71,8 +76,11 @@ class PipelineConfig(RunConfig):
     def stage_config(self, section: str, **extra: Any):
         """The config of the stage that reads `section`: shared settings, the section, `extra`."""
         cls, _ = stage_of_section(section).load()
+        shared = self.shared()
+        if "dream" in {f.name for f in dataclasses.fields(cls)}:
+            shared["dream"] = to_dict(self.dream)  # the stage's own `dream:` overrides it
         try:
-            return from_dict(cls, {**self.shared(), **getattr(self, section), **extra})
+            return from_dict(cls, merge(shared, {**getattr(self, section), **extra}))
         except ConfigError as err:
             raise ConfigError(f"{section}.{err}") from None
 
@@ -189,9 +197,9 @@ def main(cfg: PipelineConfig) -> int:
             )
             stage("encode")
         m = str(layout.m_checkpoints(k))
-        stage("mdnrnn", out_name=layout.m(k).name)
+        stage("m", out_name=layout.m(k).name)
         if not k:
-            stage("dream", m=m)
+            stage("dream_video", m=m)
         stage("controller", out_name=layout.controller(k).name, m=m)
 
     scores = {}

@@ -73,14 +73,14 @@ STAGES: tuple[Stage, ...] = (
         "worldmodels.train_m",
         "TrainMConfig",
         "train M (MDN-RNN or Transformer: next latent, reward, episode end) on encoded episodes",
-        section="mdnrnn",  # the pipeline files' section of M, still named after the MDN-RNN
+        section="m",
     ),
     Stage(
         "dream-video",
         "worldmodels.dream_video",
         "DreamVideoConfig",
         "GIF of a real episode beside M's dream of it (decoded with V)",
-        section="dream",
+        section="dream_video",
     ),
     Stage(
         "train-controller",
@@ -148,6 +148,11 @@ GEN_STAGES: tuple[Stage, ...] = (
         func="eval_main",
     ),
 )
+
+# A pipeline file's `dream` section is not a stage's: it is the dream's settings
+# (worldmodels.dream.DreamConfig), read by every stage that dreams (train-controller, fidelity,
+# dream-video) unless that stage's own section overrides them.
+SHARED_SECTIONS: tuple[str, ...] = ("dream",)
 
 # The sections of a pipeline file that belong to one stage each, in the table's order.
 SECTIONS: tuple[str, ...] = tuple(
