@@ -19,7 +19,8 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from gen_core.config import from_dict  # noqa: E402
-from rollouts.collect import CollectConfig, collect  # noqa: E402
+from rollouts.collect import CollectConfig  # noqa: E402
+from rollouts.recording import collect  # noqa: E402
 
 
 def run_once(root: str, name: str, workers: int, episodes: int, steps: int):

@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from gen_core.mdn_transformer import MDNTransformer, MDNTransformerConfig  # noqa: E402
 from gen_core.mdnrnn import MDNRNN, MDNRNNConfig  # noqa: E402
 from gen_core.vae import VAE, VAEConfig  # noqa: E402
-from rollouts.collect import make_env  # noqa: E402
+from rollouts.recording import make_env  # noqa: E402
 from worldmodels.agent import FrameSettings, WorldModelAgent  # noqa: E402
 from worldmodels.controller import ControllerSpec  # noqa: E402
 from worldmodels.dream import DreamConfig, DreamStarts  # noqa: E402

@@ -70,7 +70,8 @@ MODELS = ("vae", "dcgan", "wgan-gp", "ddpm")
 
 
 def collect_store(root: Path, episodes: int, steps: int) -> Path:
-    from rollouts.collect import CollectConfig, collect
+    from rollouts.collect import CollectConfig
+    from rollouts.recording import collect
 
     cfg = from_dict(
         CollectConfig,

@@ -3,7 +3,8 @@ import pytest
 import yaml
 
 from gen_core.config import from_dict
-from rollouts.collect import CollectConfig, collect, episode_seeds
+from rollouts.collect import CollectConfig
+from rollouts.recording import collect, episode_seeds
 from rollouts.store import EpisodeStore
 from worldmodels.cli import main as wm
 

@@ -17,7 +17,7 @@ import torch
 
 from gen_core.errors import UserError
 from gen_core.vae import VAE, images_to_float, images_to_uint8
-from rollouts.collect import preprocess
+from rollouts.recording import preprocess
 from rollouts.store import EpisodeStore
 from worldmodels.controller import BatchController, ControllerSpec, controller_obs
 from worldmodels.models import load_m, load_vae

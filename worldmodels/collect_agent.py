@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from gen_core.config import ConfigError, setting
-from rollouts.collect import CollectConfig, collect
 from rollouts.policies import ExplorePolicy
+from rollouts.recording import RecordingConfig, collect
 from worldmodels.agent import WorldModelAgent, load_agent_parts
 from worldmodels.evolve import load_controller_params
 from worldmodels.layout import CONTROLLER_FOLDER, M_FOLDER, RunLayout
 
 
 @dataclass
-class CollectAgentConfig(CollectConfig):
+class CollectAgentConfig(RecordingConfig):
     """Settings of `wm collect-agent` (the collection settings, plus the agent's)."""
 
     policy: str = setting("agent", "label stored with each episode")
@@ -44,7 +44,7 @@ class CollectAgentConfig(CollectConfig):
     def validate(self) -> None:
         if self.params not in ("auto", "scored", "mean", "best"):
             raise ConfigError(f"params: expected auto, scored, mean or best, got {self.params!r}")
-        super(CollectConfig, self).validate()  # any label will do for `policy`
+        super().validate()  # any label will do for `policy`
 
 
 class ExploringAgent:

@@ -18,8 +18,8 @@ import numpy as np
 from gen_core.config import setting
 from gen_core.io import atomic_write_text
 from gen_core.runs import RunConfig, cores, progress, start_run
-from rollouts.collect import make_env
 from rollouts.parallel import ActorPool
+from rollouts.recording import make_env
 from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
 from worldmodels.evolve import load_controller_params
 from worldmodels.layout import CONTROLLER_FOLDER, M_FOLDER, RunLayout

@@ -830,7 +830,7 @@ def main(cfg: FidelityConfig) -> int:
     from PIL import Image
 
     from gen_core.vae import images_to_float, images_to_uint8
-    from rollouts.collect import make_env, preprocess
+    from rollouts.recording import make_env, preprocess
     from worldmodels.agent import WorldModelAgent, load_agent_parts
     from worldmodels.controller import ControllerSpec
     from worldmodels.episodes import split_episodes

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rollouts.collect import make_env
 from rollouts.policies import make_policy
+from rollouts.recording import make_env
 from worldmodels.agent import WorldModelAgent, play_episode
 
 # Evaluation tracks start here, far above the seeds training draws from, so a controller is
