@@ -2,15 +2,17 @@
 
 The toy car: state (position x, velocity v); under [steer, gas, brake]
 v' = 0.9 v + gas - 0.5 brake v, x' = x + v', reward v' - 0.1 - 0.1 |steer| - 0.05 steer, never
-done. Its observation is the state, V is the identity, and a "perfect" dream step runs exactly these
-dynamics on z, so the dream must reproduce the real returns; a dream that ignores the action must
-not rank the policies at all. The walled car is the same car on a road that ends at x = WALL:
-driving past it terminates the episode with -100 (as leaving CarRacing's playfield does), so
-policies differ in how often they end, and a perfect dream of it must foresee the same ends.
+done. Its observation is the state, V is the identity, and a "perfect" toy M (a `StepModel`)
+steps exactly these dynamics on z, so the dream must reproduce the real returns; a dream that
+ignores the action must not rank the policies at all. The walled car is the same car on a road
+that ends at x = WALL: driving past it terminates the episode with -100 (as leaving CarRacing's
+playfield does), so policies differ in how often they end, and a perfect dream of it must foresee
+the same ends.
 """
 
 import json
 import math
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -20,11 +22,12 @@ from gymnasium import spaces
 from PIL import Image
 
 from gen_core.errors import UserError
+from gen_core.mdn import BatchState, WorldStep
 from gen_core.mdnrnn import MDNRNN, MDNRNNConfig
 from gen_core.plots import COLOURS, scatter_chart
 from rollouts.policies import ExplorePolicy, make_policy
 from worldmodels.cli import main as wm
-from worldmodels.dream import DreamStep
+from worldmodels.dream import DreamConfig, DreamStarts, dream_rollouts
 from worldmodels.fidelity import (
     FIXED_POLICIES,
     FidelityConfig,
@@ -34,7 +37,6 @@ from worldmodels.fidelity import (
     _cached_real,
     dream_returns_for,
     fixed_policy,
-    mdnrnn_step,
     measure_fidelity,
     open_loop_errors,
     pearson,
@@ -43,14 +45,14 @@ from worldmodels.fidelity import (
     policy_strip,
     real_returns,
     reward_response,
-    rollout_outcomes,
     search_agreement,
     spearman,
-    start_states_from_frames,
+    starts_from_frames,
 )
 
 HIDDEN = 4
-WARMUP, HORIZON = 5, 60
+WARMUP, HORIZON = 5, 60  # real warm-up steps before a policy drives (start_step), its steps
+DREAM = DreamConfig(temperature=1.0, warmup=3, end_threshold=0.5)
 WARMUP_ACTION = (0.0, 0.5, 0.0)
 SEEDS = [10, 11, 12, 13]
 CAR_RACING_ACTIONS = spaces.Box(
@@ -98,57 +100,124 @@ def encode(frames):
     return torch.as_tensor(np.stack(frames))  # V = identity: (W + 1, 2)
 
 
-def _never_done(z):
-    return torch.zeros(len(z), dtype=torch.bool)
-
-
-def perfect_step(z, h, c, action, generator):
+def car(z, action):
+    """The toy car's step on latents z = (x, v): (next z, reward)."""
     steer, gas, brake = action[:, 0], action[:, 1], action[:, 2]
     v = 0.9 * z[:, 1] + gas - 0.5 * brake * z[:, 1]
     x = z[:, 0] + v
-    reward = v - 0.1 - 0.1 * steer.abs() - 0.05 * steer
-    return DreamStep(torch.stack([x, v], dim=1), h, c, reward, _never_done(z))
+    return torch.stack([x, v], dim=1), v - 0.1 - 0.1 * steer.abs() - 0.05 * steer
 
 
-def walled_step(z, h, c, action, generator):
-    s = perfect_step(z, h, c, action, generator)
-    done = s.z[:, 0] > WALL  # (B,)
-    return DreamStep(s.z, s.h, s.c, s.reward - 100.0 * done, done)
+@dataclass
+class ToyState(BatchState):
+    h: torch.Tensor  # (B, HIDDEN): real steps read, their gas summed, the next z predicted
 
 
-def noisy_step(sigma):
+class ToyModel:
+    """A toy M on the step protocol: `dynamics` says what a step draws; the state records what
+    was read (so tests can check which steps a start read) and the z the model expects next."""
+
+    z_dim, action_dim, feature_dim = 2, 3, HIDDEN
+
+    def initial_state(self, batch):
+        return ToyState(torch.zeros(batch, HIDDEN))
+
+    def features(self, state):
+        return state.h
+
+    def observe(self, state, z, action):
+        h = state.h.clone()
+        h[:, 0] += 1
+        h[:, 1] += action[:, 1]
+        h[:, 2:4] = car(z, action)[0]
+        return ToyState(h)
+
+    def step(self, state, z, action, temperature, generator=None):
+        z_next, reward, end = self.dynamics(state, z, action, generator)
+        after = self.observe(state, z, action)
+        after.h[:, 2:4] = z_next
+        return WorldStep(z_next, reward, end.float(), after)
+
+    def dynamics(self, state, z, action, generator):
+        raise NotImplementedError
+
+
+class Perfect(ToyModel):
+    def dynamics(self, state, z, action, generator):
+        z_next, reward = car(z, action)
+        return z_next, reward, torch.zeros(len(z))
+
+
+class Walled(ToyModel):
+    def dynamics(self, state, z, action, generator):
+        z_next, reward = car(z, action)
+        end = z_next[:, 0] > WALL  # (B,)
+        return z_next, reward - 100.0 * end, end
+
+
+class Noisy(ToyModel):
     """Perfect dynamics plus Gaussian noise on z each step (drawn from the generator)."""
 
-    def step(z, h, c, action, generator):
-        s = perfect_step(z, h, c, action, generator)
-        noise = torch.randn(s.z.shape, generator=generator)
-        return DreamStep(s.z + sigma * noise, s.h, s.c, s.reward, s.done)
+    def __init__(self, sigma):
+        self.sigma = sigma
 
-    return step
+    def dynamics(self, state, z, action, generator):
+        z_next, reward = car(z, action)
+        noise = torch.randn(z_next.shape, generator=generator)
+        return z_next + self.sigma * noise, reward, torch.zeros(len(z))
 
 
-def action_blind_step(sigma=0.0):
+class ActionBlind(ToyModel):
     """Drives as if the gas were always 0.5, whatever the action; optionally noisy."""
 
-    def step(z, h, c, action, generator):
+    def __init__(self, sigma=0.0):
+        self.sigma = sigma
+
+    def dynamics(self, state, z, action, generator):
         v = 0.9 * z[:, 1] + 0.5
-        if sigma:
-            v = v + sigma * torch.randn(v.shape, generator=generator)
-        x = z[:, 0] + v
-        return DreamStep(torch.stack([x, v], dim=1), h, c, v - 0.1, _never_done(z))
-
-    return step
+        if self.sigma:
+            v = v + self.sigma * torch.randn(v.shape, generator=generator)
+        return torch.stack([z[:, 0] + v, v], dim=1), v - 0.1, torch.zeros(len(z))
 
 
-def fidelity(step, env=ToyCar, **kw):
+class Memory(ToyModel):
+    """Perfect dynamics run from the model's memory of where the car is, never from the z it is
+    given: right only if every start's state is the one read for that start and each step's
+    state is carried to the next."""
+
+    def dynamics(self, state, z, action, generator):
+        z_next, reward = car(state.h[:, 2:4], action)
+        return z_next, reward, torch.zeros(len(z))
+
+
+class Counter(ToyModel):
+    """Reward 1 a step; a dream from z ends after z[0] + 1 steps."""
+
+    def dynamics(self, state, z, action, generator):
+        z = z - 1
+        return z, torch.ones(len(z)), z[:, 0] < 0
+
+
+class Coin(ToyModel):
+    """Each dream ends at any step with probability 0.3."""
+
+    def dynamics(self, state, z, action, generator):
+        return z, torch.zeros(len(z)), torch.rand(len(z), generator=generator) < 0.3
+
+
+def toy_starts(z):
+    return DreamStarts(torch.as_tensor(z, dtype=torch.float32), ToyModel().initial_state(len(z)))
+
+
+def fidelity(model, env=ToyCar, **kw):
     policies = [fixed_policy(n) for n in FIXED_POLICIES]
-    args = dict(warmup=WARMUP, warmup_action=WARMUP_ACTION, horizon=HORIZON, dream_samples=8)
-    return measure_fidelity(step, encode, env, policies, SEEDS, HIDDEN, **{**args, **kw})
+    args = dict(start_step=WARMUP, warmup_action=WARMUP_ACTION, horizon=HORIZON, dream_samples=8)
+    return measure_fidelity(model, DREAM, encode, env, policies, SEEDS, **{**args, **kw})
 
 
 @pytest.fixture(scope="module")
 def perfect():
-    return fidelity(perfect_step)
+    return fidelity(Perfect())
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -303,14 +372,16 @@ def test_reward_response_of_the_perfect_model(perfect):
     assert set(resp) == {"stop", "full_gas"} and resp["full_gas"] > resp["stop"] + 5
     # Known answer: over k steps full gas earns 10 (1 - (0.9 + ... + 0.9^k) / k) a step
     # more than stopping, whatever the start speed.
-    z0 = torch.tensor([[0.0, 0.0], [3.0, 1.5], [7.0, 4.0]])
-    h0 = torch.zeros(3, HIDDEN)
+    starts = toy_starts([[0.0, 0.0], [3.0, 1.5], [7.0, 4.0]])
     actions = {"stop": (0.0, 0.0, 0.0), "full_gas": (0.0, 1.0, 0.0)}
     for k in (1, 50):
-        out = reward_response(perfect_step, (z0, h0, h0), actions, steps=k, samples=2)
+        out = reward_response(Perfect(), DREAM, starts, actions, steps=k, samples=2)
         expected = 10 * (1 - 9 * (1 - 0.9**k) / k)
         assert out["full_gas"] - out["stop"] == pytest.approx(expected, abs=2e-3), k
-    blind = reward_response(action_blind_step(), (z0, h0, h0), actions, steps=10)
+    # Stopping from speed v earns (v 0.9 (1 - 0.9^k) / 0.1) / k - 0.1 a step: the starts' mean.
+    stop = reward_response(Perfect(), DREAM, starts, {"stop": (0, 0, 0)}, steps=10)["stop"]
+    assert stop == pytest.approx((0.0 + 1.5 + 4.0) / 3 * 9 * (1 - 0.9**10) / 10 - 0.1, abs=1e-3)
+    blind = reward_response(ActionBlind(), DREAM, starts, actions, steps=10)
     assert blind["full_gas"] == blind["stop"]
 
 
@@ -330,14 +401,12 @@ def test_spearman_interval_is_tight_for_a_perfect_model_and_wide_for_a_coin():
 
 
 def test_action_blind_model_cannot_rank(perfect):
-    blind = fidelity(action_blind_step(), real=perfect.real)
+    blind = fidelity(ActionBlind(), real=perfect.real)
     assert np.ptp(blind.dream_mean) == 0.0  # the same dream whatever the policy
     assert blind.spearman == 0.0 and blind.pearson == 0.0
     assert blind.extra["reward_response"]["full_gas"] == blind.extra["reward_response"]["stop"]
     # A noisy action-blind dream ranks the policies only by chance.
-    rhos = [
-        fidelity(action_blind_step(sigma=0.5), real=perfect.real, seed=s).spearman for s in range(8)
-    ]
+    rhos = [fidelity(ActionBlind(sigma=0.5), real=perfect.real, seed=s).spearman for s in range(8)]
     assert len(set(rhos)) > 1  # the noise does reorder the policies
     assert np.mean(np.abs(rhos)) < 0.5, rhos
     assert abs(np.mean(rhos)) < 0.35, rhos
@@ -345,41 +414,65 @@ def test_action_blind_model_cannot_rank(perfect):
 
 
 def test_dream_rollouts_stop_at_the_predicted_end():
-    def counter(z, h, c, action, generator):  # reward 1 a step; ends after z[0] + 1 more steps
-        z = z - 1
-        return DreamStep(z, h, c, torch.ones(len(z)), z[:, 0] < 0)
+    z0 = torch.tensor([[0.0, 0.0], [2.0, 0.0], [50.0, 0.0]])
 
-    z0 = torch.tensor([[0.0], [2.0], [50.0]])
-    h0 = torch.zeros(3, 1)
-    total, _ = rollout_outcomes(counter, lambda z, h: torch.zeros(3, 3), z0, h0, h0, steps=10)
+    def run(steps):
+        state = ToyModel().initial_state(3)
+        return dream_rollouts(Counter(), lambda z, h: torch.zeros(3, 3), z0, state, steps, DREAM)
+
+    total, _ = run(10)
     assert total.tolist() == [1.0, 3.0, 10.0]
     # Ends after 1, 3 and 51 steps: within a horizon of 10 the first two end, the third does not;
     # an end on the horizon's last step counts, one a step later does not.
     for steps, ended in [(10, [True, True, False]), (3, [True, True, False]),
                          (2, [True, False, False]), (60, [True, True, True])]:  # fmt: skip
-        total, end = rollout_outcomes(counter, lambda z, h: torch.zeros(3, 3), z0, h0, h0, steps)
+        total, end = run(steps)
         assert end.dtype == torch.bool and end.tolist() == ended, steps
         assert total.tolist() == [min(steps, n) for n in (1.0, 3.0, 51.0)], steps
 
 
 def test_dream_end_rate_is_the_fraction_of_a_starts_dreams_that_ended():
-    def counter(z, h, c, action, generator):  # ends after z[0] + 1 steps
-        z = z - 1
-        return DreamStep(z, h, c, torch.ones(len(z)), z[:, 0] < 0)
-
-    start = (torch.tensor([[2.0], [50.0]]), torch.zeros(2, 1), torch.zeros(2, 1))
+    start = toy_starts([[2.0, 0.0], [50.0, 0.0]])
     stop = [fixed_policy("stop")]
     for horizon, rates in [(10, [1.0, 0.0]), (2, [0.0, 0.0]), (60, [1.0, 1.0])]:
-        ret, ended = dream_returns_for(counter, stop, start, horizon, 3, CAR_RACING_ACTIONS)
+        ret, ended = dream_returns_for(
+            Counter(), DREAM, stop, start, horizon, 3, CAR_RACING_ACTIONS
+        )
         assert ended.shape == (1, 2) and ended[0].tolist() == rates, horizon
         assert ret[0].tolist() == [min(horizon, 3), min(horizon, 51)], horizon
-
-    def coin(z, h, c, action, generator):  # each dream ends at its first step with p = 0.3
-        done = torch.rand(len(z), generator=generator) < 0.3
-        return DreamStep(z, h, c, torch.zeros(len(z)), done)
-
-    _, ended = dream_returns_for(coin, stop, start, 1, 2000, CAR_RACING_ACTIONS)
+    _, ended = dream_returns_for(Coin(), DREAM, stop, start, 1, 2000, CAR_RACING_ACTIONS)
     assert np.all(np.abs(ended - 0.3) < 0.05) and np.all((ended > 0) & (ended < 1)), ended
+    # The same seed gives the same dreams; another seed, others.
+    again = dream_returns_for(Coin(), DREAM, stop, start, 1, 2000, CAR_RACING_ACTIONS)[1]
+    other = dream_returns_for(Coin(), DREAM, stop, start, 1, 2000, CAR_RACING_ACTIONS, seed=1)[1]
+    np.testing.assert_array_equal(again, ended)
+    assert not np.array_equal(other, ended)
+
+
+def test_dream_returns_of_each_start_come_from_its_own_state():
+    """A toy M that dreams from its memory alone (never from the z it is given) reproduces the
+    real returns as the perfect one does: every start reads its own warm-up, and every dream
+    carries its state from step to step."""
+    memory = fidelity(Memory(), real=None)
+    for name in CONSTANT:
+        i = memory.names.index(name)
+        np.testing.assert_allclose(memory.dream[i], memory.real[i], atol=1e-2, err_msg=name)
+    assert memory.spearman >= 0.9
+    # Without a warm-up to read, M's memory is empty: the dream starts from a parked car.
+    empty = measure_fidelity(
+        Memory(),
+        DreamConfig(warmup=0),
+        encode,
+        ToyCar,
+        [fixed_policy("stop")],
+        SEEDS,
+        WARMUP,
+        WARMUP_ACTION,
+        HORIZON,
+        2,
+        real=memory.real[:1],
+    )
+    np.testing.assert_allclose(empty.dream, -0.1 * HORIZON, rtol=1e-5)  # -0.1 a step at rest
 
 
 def test_real_end_is_a_termination_within_the_horizon():
@@ -427,18 +520,38 @@ def test_warmup_may_be_a_sequence_of_actions_replayed_in_turn():
     _, _, frames = play_from_warmup(ToyCar(), gas, 10, WARMUP, lead, 0)
     assert len(frames) == WARMUP + 1 and not np.array_equal(frames[-1], fixed[2][-1])
     # M's teacher-forced start follows the same rule.
-    model = MDNRNN(MDNRNNConfig(z_dim=4, action_dim=3, hidden=8))
-    step = mdnrnn_step(model, 1.0)
+    model = MDNRNN(MDNRNNConfig(z_dim=4, action_dim=3, hidden=8)).stepper()
     z = [torch.randn(WARMUP + 1, 4)]
-    fixed_start = start_states_from_frames(step, z, warm, 8)
-    for a, b in zip(start_states_from_frames(step, z, np.tile(warm, (WARMUP, 1)), 8), fixed_start):
-        torch.testing.assert_close(a, b)
-    driven = start_states_from_frames(step, z, lead, 8)
-    assert not torch.allclose(driven[1], fixed_start[1])  # h remembers the actions
+    fixed_start = starts_from_frames(model, z, warm, 8)
+    tiled = starts_from_frames(model, z, np.tile(warm, (WARMUP, 1)), 8)
+    torch.testing.assert_close(tiled.z, fixed_start.z)
+    torch.testing.assert_close(tiled.state.h, fixed_start.state.h)
+    torch.testing.assert_close(tiled.state.c, fixed_start.state.c)
+    driven = starts_from_frames(model, z, lead, 8)
+    torch.testing.assert_close(driven.z, z[0][-1:])
+    assert not torch.allclose(driven.state.h, fixed_start.state.h)  # h remembers the actions
+
+
+def test_starts_from_frames_read_the_last_warmup_steps():
+    """The start is the last frame; M reads the `warmup` steps before it (all there are, if
+    fewer), each frame with the action that followed it."""
+    frames = [torch.arange(12.0).view(6, 2), 100 + torch.arange(12.0).view(6, 2)]  # W = 5 steps
+    gas = np.zeros((5, 3), np.float32)
+    gas[:, 1] = [0.1, 0.2, 0.3, 0.4, 0.5]
+    for warmup, read, gas_sum in [(3, 3, 1.2), (5, 5, 1.5), (10, 5, 1.5), (0, 0, 0.0)]:
+        st = starts_from_frames(Perfect(), frames, gas, warmup)
+        torch.testing.assert_close(st.z, torch.stack([frames[0][-1], frames[1][-1]]))
+        assert st.state.h[:, 0].tolist() == [read, read], warmup
+        assert st.state.h[:, 1].tolist() == pytest.approx([gas_sum, gas_sum]), warmup
+    # The toy's memory after reading: the perfect step from the frame before the start.
+    st = starts_from_frames(Perfect(), frames, gas, 2)
+    before = torch.stack([frames[0][-2], frames[1][-2]])
+    want = car(before, torch.as_tensor(gas[-1:]).expand(2, 3))[0]
+    torch.testing.assert_close(st.state.h[:, 2:4], want)
 
 
 def test_perfect_model_foresees_the_real_ends():
-    walled = fidelity(walled_step, env=WalledCar)
+    walled = fidelity(Walled(), env=WalledCar)
     by = dict(zip(walled.names, walled.real_ended.mean(axis=1)))
     assert (by["stop"], by["gas_0.5"], by["full_gas"]) == (0.0, 0.5, 1.0)
     for name in CONSTANT:  # deterministic: the same ends on the same tracks, and the same returns
@@ -451,10 +564,10 @@ def test_perfect_model_foresees_the_real_ends():
     assert s["real_end_gas_0.5"] == 0.5 and s["dream_end_full_gas"] == 1.0
     assert "dream ends | real ends |" in walled.markdown()
     # Real returns passed in without their ends: no real end rates, the dream's still there.
-    again = fidelity(walled_step, env=WalledCar, real=walled.real)
+    again = fidelity(Walled(), env=WalledCar, real=walled.real)
     assert again.real_ended is None and "real_end_stop" not in again.summary()
     np.testing.assert_array_equal(again.dream_ended, walled.dream_ended)
-    both = fidelity(walled_step, env=WalledCar, real=walled.real, real_ended=walled.real_ended)
+    both = fidelity(Walled(), env=WalledCar, real=walled.real, real_ended=walled.real_ended)
     assert both.summary()["real_end_gas_0.5"] == 0.5
 
 
@@ -502,23 +615,34 @@ def record_episodes(n=4, steps=120):
 def test_open_loop_error_grows_with_horizon_for_a_noisy_model():
     episodes = record_episodes()
     horizons = (1, 10, 50)
-    exact = open_loop_errors(perfect_step, episodes, HIDDEN, horizons, context=10)
+    exact = open_loop_errors(Perfect(), DREAM, episodes, horizons, context=10)
     assert exact["starts"] == 4 * 4
     for k in horizons:
         assert exact[f"z_mse_{k}"] == pytest.approx(0.0, abs=1e-3)
         assert exact[f"reward_mae_{k}"] == pytest.approx(0.0, abs=1e-3)
         assert exact[f"done_acc_{k}"] == 1.0
         assert exact[f"z_mse_persistence_{k}"] > 0.1  # the car does move: persistence is wrong
-    noisy = open_loop_errors(noisy_step(0.1), episodes, HIDDEN, horizons, context=10)
+    noisy = open_loop_errors(Noisy(0.1), DREAM, episodes, horizons, context=10)
     err = [noisy[f"z_mse_{k}"] for k in horizons]
     assert err[0] == pytest.approx(0.1**2, abs=0.005)  # one step: just the noise, sigma^2
     assert err[0] < err[1] < err[2] and err[2] > 10 * err[1], err  # then it compounds
     assert noisy["reward_mae_1"] < noisy["reward_mae_10"] < noisy["reward_mae_50"]
     assert err[2] < noisy["z_mse_persistence_50"]  # still far better than standing still
     # The same seed gives the same diagnostics.
-    assert open_loop_errors(noisy_step(0.1), episodes, HIDDEN, horizons, context=10) == noisy
+    assert open_loop_errors(Noisy(0.1), DREAM, episodes, horizons, context=10) == noisy
+    # A model that dreams from its memory is exact only if the context it read is carried on.
+    memory = open_loop_errors(Memory(), DREAM, episodes, horizons, context=10)
+    assert all(memory[f"z_mse_{k}"] == pytest.approx(0.0, abs=1e-3) for k in horizons)
     with pytest.raises(UserError, match="longer than"):
-        open_loop_errors(perfect_step, episodes, HIDDEN, (200,), context=10)
+        open_loop_errors(Perfect(), DREAM, episodes, (200,), context=10)
+
+
+def test_open_loop_done_accuracy_scores_the_end_probability():
+    episodes = record_episodes(n=1)
+    ends = open_loop_errors(Coin(), DREAM, episodes, (1,), context=10, starts_per_episode=400)
+    assert ends["done_acc_1"] == pytest.approx(0.7, abs=0.06)  # it never really ends
+    never = open_loop_errors(Coin(), DreamConfig(end_threshold=1.0), episodes, (1,), context=10)
+    assert never["done_acc_1"] == 1.0
 
 
 # ---------------------------------------------------------------------------------- the chart
@@ -636,14 +760,14 @@ def _tile(picture, row, col):
 def test_strip_of_a_perfect_model_shows_the_real_frames_and_ends(name, seed):
     every, dreams = 25, 2
     picture = policy_strip(
-        walled_step,
+        Walled(),
+        DREAM,
         encode,
         lambda z: _paint(z.numpy()),
         _paint,
         WalledCar(),
         fixed_policy(name),
         seed,
-        HIDDEN,
         WARMUP,
         WARMUP_ACTION,
         horizon=300,
@@ -678,14 +802,14 @@ def test_strip_of_a_perfect_model_shows_the_real_frames_and_ends(name, seed):
 
 def test_strip_shows_an_action_blind_dream_drifting_from_reality():
     picture = policy_strip(
-        action_blind_step(),
+        ActionBlind(),
+        DREAM,
         encode,
         lambda z: _paint(z.numpy()),
         _paint,
         ToyCar(),
         fixed_policy("stop"),
         SEEDS[0],
-        HIDDEN,
         WARMUP,
         WARMUP_ACTION,
         horizon=100,
