@@ -10,7 +10,13 @@ from gen_core.checkpoint import latest_checkpoint, load_checkpoint
 from gen_core.config import load_config
 from gen_core.errors import UserError
 from gen_core.tokenizers import ByteTokenizer, CharTokenizer, tokenizer_from_dict
-from gen_core.transformer import KVCache, Transformer, TransformerConfig
+from gen_core.transformer import (
+    KVCache,
+    Transformer,
+    TransformerConfig,
+    apply_rotary,
+    rotary_tables,
+)
 from worldmodels.cli import main
 from worldmodels.gen.text import SampleTextConfig, TrainTextConfig, get_lr
 
@@ -59,8 +65,9 @@ def test_changing_a_future_token_never_changes_an_earlier_output():
         assert not torch.allclose(out[:, t:], base[:, t:])
 
 
-def test_cached_forward_equals_full_forward():
-    model = sharp(tiny()).double().eval()
+@pytest.mark.parametrize("rotary", [False, True])
+def test_cached_forward_equals_full_forward(rotary):
+    model = sharp(tiny(rotary=rotary)).double().eval()
     idx = torch.randint(0, 11, (2, 8))
     full, _ = model(idx)
     cache = KVCache(model.config, 2, idx.device, torch.float64)
@@ -71,11 +78,12 @@ def test_cached_forward_equals_full_forward():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rotary", [False, True])
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.8, 3), (0.0, None)])
-def test_kv_cache_sampler_gives_the_same_tokens_as_recomputation(temperature, top_k):
+def test_kv_cache_sampler_gives_the_same_tokens_as_recomputation(temperature, top_k, rotary):
     # float64 so that rounding differences between the two paths cannot flip a sampled token;
     # 30 new tokens after a 3-token prompt run well past the 8-token context window
-    model = sharp(tiny()).double()
+    model = sharp(tiny(rotary=rotary)).double()
     prompt = torch.randint(0, 11, (2, 3))
     outs = []
     for use_cache in (True, False):
@@ -108,6 +116,89 @@ def test_continuous_inputs_and_outputs():
     torch.testing.assert_close(step, out[:, :6], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="token model"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 1)
+
+
+def test_learned_positions_stay_as_they_were():
+    """The text model (rotary off): learned position embeddings, added to the input, so the
+    same token reads differently at another position; no sequence past the window."""
+    model = tiny().eval()
+    assert not model.config.rotary and model.transformer.wpe.weight.shape == (8, 16)
+    # num_params leaves the position table out, as nanoGPT does.
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_params() == total - 8 * 16 and model.num_params(False) == total
+    same = torch.full((1, 8), 3)
+    out, _ = model(same)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+    flat, _ = model(same)
+    torch.testing.assert_close(flat[0, 1:], flat[0, :1].expand(7, -1))  # now only the tokens
+    with pytest.raises(ValueError, match="context window"):
+        tiny(input_dim=5, output_dim=3)(torch.randn(1, 9, 5))
+
+
+def test_rotary_scores_depend_on_the_offset_alone():
+    hs = 8
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(hs, generator=g), torch.randn(hs, generator=g)
+
+    def score(i, j):
+        ci, si = rotary_tables(torch.tensor([i]), hs)
+        cj, sj = rotary_tables(torch.tensor([j]), hs)
+        return (apply_rotary(q[None], ci, si) * apply_rotary(k[None], cj, sj)).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(104, 100), abs=1e-4)
+    assert score(5, 5) == pytest.approx(float(q @ k), abs=1e-5)  # no offset: no rotation
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
+    cos, sin = rotary_tables(torch.arange(6), hs)
+    assert cos.shape == sin.shape == (6, hs // 2)
+    x = torch.randn(6, hs, generator=g)
+    torch.testing.assert_close(apply_rotary(x, cos, sin).norm(dim=-1), x.norm(dim=-1))  # a rotation
+
+
+def test_rotary_model_has_no_position_table_and_is_shift_invariant():
+    """Rotary positions: a window's outputs are the same wherever the window starts."""
+    model = sharp(tiny(rotary=True, input_dim=5, output_dim=3)).eval()
+    assert model.transformer.wpe is None
+    x = torch.randn(2, 8, 5)
+    with torch.no_grad():
+        out = model.hidden(x)
+        cache = KVCache(model.config, 2, x.device, torch.float32)
+        model.hidden(x[:, :3], cache)  # three positions cached: the next ones sit at 3..
+        after = model.hidden(x[:, 3:5], cache)
+        alone = model.hidden(x[:, 3:5])  # the same two steps at positions 0 and 1
+    torch.testing.assert_close(after, out[:, 3:5], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(after, alone, atol=1e-3)  # they did attend to the cached steps
+
+
+def test_rotary_sequences_past_the_window_read_a_sliding_window():
+    """Past block_size a rotary model attends over the last block_size positions: with one
+    block, position t's output is that of the window ending at t read alone, and inputs older
+    than the window do not reach it."""
+    model = sharp(tiny(rotary=True, input_dim=5, output_dim=3, n_layer=1, block_size=4)).eval()
+    x = torch.randn(2, 13, 5)
+    with torch.no_grad():
+        out, _ = model(x)
+        assert out.shape == (2, 13, 3)
+        for t in range(13):
+            lo = max(0, t - 3)
+            torch.testing.assert_close(model(x[:, lo : t + 1])[0][:, -1], out[:, t])
+        changed = x.clone()
+        changed[:, 5] += 3.0
+        moved, _ = model(changed)
+    torch.testing.assert_close(moved[:, :5], out[:, :5])  # causal
+    assert not torch.allclose(moved[:, 5:9], out[:, 5:9], atol=1e-4)  # in the window of 5..8
+    torch.testing.assert_close(moved[:, 9:], out[:, 9:])  # out of reach from t = 9
+    # With two blocks the reach is two windows (less one): t = 5 + 2 * 3 = 11 still moves.
+    deep = sharp(tiny(rotary=True, input_dim=5, output_dim=3, n_layer=2, block_size=4)).eval()
+    with torch.no_grad():
+        a, b = deep(x)[0], deep(changed)[0]
+    assert not torch.allclose(a[:, 11], b[:, 11], atol=1e-5)
+    torch.testing.assert_close(a[:, 12:], b[:, 12:])
+    # A cache cannot hold more than the window, rotary or not.
+    cache = KVCache(model.config, 2, x.device, torch.float32)
+    with pytest.raises(ValueError, match="context window"):
+        model(x[:, :5], cache=cache)
 
 
 # ----------------------------------------------------------------------------------------------
