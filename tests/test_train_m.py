@@ -9,6 +9,7 @@ from gen_core.config import from_dict
 from gen_core.errors import UserError
 from gen_core.mdn_transformer import MDNTransformer
 from gen_core.mdnrnn import MDNRNN
+from worldmodels.cli import main as wm
 from worldmodels.episodes import split_episodes
 from worldmodels.latents import LatentStore
 from worldmodels.models import load_m
@@ -289,6 +290,30 @@ def test_resume_with_other_shape_is_refused(tmp_path, change, message):
 def test_missing_latents_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="run 'wm encode'"):
         train_m(cfg_for(tmp_path, latents=str(tmp_path / "nothing")))
+
+
+def test_cli_runs_train_m_and_refuses_a_resume_of_another_kind(tmp_path, capsys):
+    write_latents(tmp_path / "lat", n=3, T=30)
+    args = [
+        "train-m",
+        f"runs_dir={tmp_path}",
+        "run_name=m",
+        f"latents={tmp_path / 'lat'}",
+        "hidden=32",
+        "n_mixtures=2",
+        "seq_len=20",
+        "progress=false",
+        "threads=1",
+    ]
+    assert wm([*args, "epochs=1"]) == 0
+    assert load_checkpoint(ckpt_dir(tmp_path)).model_spec["class"] == "MDNRNN"
+    capsys.readouterr()
+    assert wm([*args, "epochs=2", "kind=transformer"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot resume, kind is 'lstm' in the checkpoint but 'transformer'" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert wm(["train-m", f"runs_dir={tmp_path}", "run_name=x", "epochs=1"]) == 2
+    assert "run 'wm encode'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", KINDS)
