@@ -1,10 +1,9 @@
 """The CMA-ES loop (worldmodels/evolve.py): it climbs, resumes exactly after a kill, keeps a
 checkpoint whose size does not grow with the generations, and keeps every generation's
-candidates and returns in a history of its own."""
+candidates, returns and curves in a history of its own."""
 
 import io
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -45,6 +44,11 @@ def settings(generations, population=10, sigma0=0.5, seed=3):
     return ESSettings(population, sigma0, generations, eval_every=5, seed=seed)
 
 
+def score_mean(params):
+    """An eval_fn: the mean parameters' return, and a std of its own."""
+    return float(quadratic_returns(params[None], 0)[0]), 0.5
+
+
 def history_file(ckpt_dir, generation):
     return ckpt_dir / "history" / f"gen_{generation:06d}.npz"
 
@@ -64,7 +68,7 @@ def test_cma_es_loop_climbs_a_quadratic(tmp_path):
         tmp_path,
         {},
         show_progress=False,
-        eval_fn=lambda p: (float(quadratic_returns(p[None], 0)[0]), 0.0),
+        eval_fn=score_mean,
     )
     first, last = result.history["best"][0], result.history["best"][-1]
     assert first < -1.0 and last > -1e-3, (first, last)
@@ -74,13 +78,38 @@ def test_cma_es_loop_climbs_a_quadratic(tmp_path):
     for key in ("scored_params", "mean_params", "best_params"):
         assert tuple(ck.model[key].shape) == (6,)
     np.testing.assert_array_equal(ck.model["mean_params"].numpy(), result.mean_params)
-    assert ck.state["curves"] == result.history and ck.state["best_return"] == result.best_return
+    assert ck.state["best_return"] == result.best_return
     assert ck.state["scored_return"] == result.scored_return
+    # The curves are in the history files, not in the checkpoint.
+    assert "curves" not in ck.state
+    for g in range(1, 41):
+        with np.load(history_file(tmp_path, g)) as f:
+            r = f["returns"]
+            assert (
+                [float(f[k]) for k in ("best", "mean", "worst")]
+                == [
+                    result.history["best"][g - 1],
+                    result.history["mean"][g - 1],
+                    result.history["worst"][g - 1],
+                ]
+                == [r.max(), r.mean(), r.min()]
+            )
+            if g % 5:
+                assert "eval" not in f.files and "eval_std" not in f.files
+            else:
+                i = result.history["eval_gen"].index(g)
+                assert float(f["eval"]) == result.history["eval"][i]
+                assert float(f["eval_std"]) == 0.5
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000039", "step_00000040"]
 
 
 def test_resume_after_a_kill_gives_the_same_run(tmp_path):
-    straight = evolve(6, quadratic_returns, settings(12), tmp_path / "a", {}, show_progress=False)
+    def run(fitness, ckpt_dir):
+        return evolve(
+            6, fitness, settings(12), ckpt_dir, {}, eval_fn=score_mean, show_progress=False
+        )
+
+    straight = run(quadratic_returns, tmp_path / "a")
 
     calls = {"n": 0}
 
@@ -91,13 +120,16 @@ def test_resume_after_a_kill_gives_the_same_run(tmp_path):
         return quadratic_returns(candidates, generation)
 
     with pytest.raises(KeyboardInterrupt):
-        evolve(6, killed_at_gen_7, settings(12), tmp_path / "b", {}, show_progress=False)
+        run(killed_at_gen_7, tmp_path / "b")
     assert load_checkpoint(tmp_path / "b").step == 7 and calls["n"] == 7
-    resumed = evolve(6, quadratic_returns, settings(12), tmp_path / "b", {}, show_progress=False)
+    resumed = run(quadratic_returns, tmp_path / "b")
     assert resumed.generations == straight.generations == 12
     np.testing.assert_array_equal(resumed.best_params, straight.best_params)
     np.testing.assert_array_equal(resumed.mean_params, straight.mean_params)
-    assert resumed.history == straight.history
+    np.testing.assert_array_equal(resumed.scored_params, straight.scored_params)
+    assert resumed.scored_return == straight.scored_return
+    assert resumed.history == straight.history  # curves rebuilt from the history files
+    assert resumed.history["eval_gen"] == [5, 10]
     assert_same_history(tmp_path / "a", tmp_path / "b")
 
 
@@ -173,25 +205,94 @@ def step_folder_bytes(ckpt_dir):
 
 
 def test_checkpoint_size_does_not_grow_with_generations(tmp_path):
+    """The step folder of a 200-generation run is no larger than that of a 10-generation one
+    (the curves are in the history files, counters and RNG states in tensors), and a run killed
+    midway and resumed returns the same curves as one that ran straight through."""
     n = 50
     target = np.linspace(-1, 1, n)
 
     def returns(candidates, generation):
         return -((candidates - target) ** 2).sum(axis=1)
 
-    sizes, curves = {}, {}
+    def score(params):
+        return float(returns(params[None], 0)[0]), 0.0
+
+    def run(generations, ckpt, fitness=returns):
+        s = ESSettings(8, 0.5, generations, eval_every=5, seed=1)
+        return evolve(n, fitness, s, ckpt, {}, eval_fn=score, show_progress=False)
+
+    sizes, results = {}, {}
     for generations in (10, 200):
         ckpt = tmp_path / str(generations)
-        s = ESSettings(8, 0.5, generations, eval_every=0, seed=1)
-        evolve(n, returns, s, ckpt, {}, show_progress=False)
+        results[generations] = run(generations, ckpt)
         sizes[generations] = step_folder_bytes(ckpt)
-        # The curves (3 numbers a generation) are the one thing that grows, by ~27 bytes.
-        curves[generations] = len(pickle.dumps(load_checkpoint(ckpt).state["curves"], 2))
         assert len(list((ckpt / "history").glob("gen_*.npz"))) == generations
-    # Slack for pickled ints that widen (countevals 80 -> 1600) and zip records aligned to 64 B.
-    assert sizes[200] - curves[200] <= sizes[10] - curves[10] + 64, sizes
-    # Before, the checkpoint held every generation's candidates: 190 more were 600 kB more.
-    assert sizes[200] - sizes[10] < 190 * 3 * 9 + 64, sizes
+        assert "curves" not in load_checkpoint(ckpt).state
+    assert sizes[200] <= sizes[10], sizes
+
+    def killed_at_gen_137(candidates, generation):
+        if generation == 137:
+            raise KeyboardInterrupt
+        return returns(candidates, generation)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(200, tmp_path / "resumed", killed_at_gen_137)
+    assert load_checkpoint(tmp_path / "resumed").step == 137
+    resumed = run(200, tmp_path / "resumed")
+    assert resumed.history == results[200].history
+    assert len(resumed.history["best"]) == 200 and len(resumed.history["eval"]) == 40
+    np.testing.assert_array_equal(resumed.scored_params, results[200].scored_params)
+    assert step_folder_bytes(tmp_path / "resumed") == sizes[200]
+
+
+def plain_ints(v, ints):
+    """A `cma_state` entry with its ints in place, as 54a6e29 wrote them."""
+    if isinstance(v, dict):
+        if set(v) == {"int"}:
+            return ints[v["int"]]
+        return {k: plain_ints(x, ints) for k, x in v.items()}
+    if isinstance(v, list):
+        return [plain_ints(x, ints) for x in v]
+    return v
+
+
+def test_a_run_checkpointed_with_its_curves_resumes(tmp_path):
+    """54a6e29 kept the curves in the checkpoint, the ints of CMA-ES's state as they are and
+    the RNG states as `rng_state()` gives them, and the history files without curves: such a
+    run resumes the same, and can be resumed again."""
+
+    def run(generations, ckpt_dir):
+        s = settings(generations)
+        return evolve(
+            6, quadratic_returns, s, ckpt_dir, {}, eval_fn=score_mean, show_progress=False
+        )
+
+    straight = run(14, tmp_path / "a")
+    old = tmp_path / "b"
+    first = run(6, old)
+    ck = load_checkpoint(old)
+    ints = ck.state["cma"]["ints"].tolist()
+    attributes = {k: plain_ints(v, ints) for k, v in ck.state["cma"]["attributes"].items()}
+    state = ck.state | {
+        "cma": {"buffers": ck.state["cma"]["buffers"], "attributes": attributes},
+        "rng": evolve_module._rng_state(ck.state["rng"]),
+        "curves": first.history,
+    }
+    del state["step"]
+    save_checkpoint(old, 6, ck.model, state, ck.config, keep=2)
+    for g in range(1, 7):
+        with np.load(history_file(old, g)) as f:
+            candidates, returns = f["candidates"], f["returns"]
+        np.savez(history_file(old, g), candidates=candidates, returns=returns)
+    resumed = run(12, old)  # from 54a6e29's checkpoint
+    assert resumed.history == {k: v[:12] for k, v in straight.history.items()}
+    assert resumed.history["eval_gen"] == [5, 10]
+    with np.load(history_file(old, 5)) as f:  # the files got their curves
+        assert float(f["eval"]) == first.history["eval"][0] and np.isnan(f["eval_std"])
+    resumed = run(14, old)  # from one of its own
+    assert resumed.history == straight.history
+    np.testing.assert_array_equal(resumed.mean_params, straight.mean_params)
+    assert_same_history(tmp_path / "a", old)
 
 
 def test_cma_state_restores_every_attribute(tmp_path):

@@ -8,9 +8,12 @@ however long the run:
   (mean, sigma, the sampler's C/B/D, evolution paths, counters, best solution, ...) into a flat
   dict keyed by attribute path, of tensors, numbers, strings and lists (no pickled objects; it
   loads with `torch.load(weights_only=True)`), plus the RNG states (`cma` draws from numpy's
-  global RNG). Its size depends on the population and the number of parameters, not on the
-  generation: ~14 MB at 64 x 867 parameters, mostly the covariance matrix and its eigenbasis
-  (6 MB each); only the return curves kept for plots add 3 numbers (~27 bytes) a generation.
+  global RNG), and the best candidate and the best-scored mean with their returns. Its size
+  depends on the population and the number of parameters, not on the generation: ~14 MB at
+  64 x 867 parameters, mostly the covariance matrix and its eigenbasis (6 MB each). The ints
+  in it (counters such as countevals, the Mersenne Twisters' states) are kept in int64 tensors,
+  as pickled ints would take more bytes as the counters grow, so the checkpoint of a
+  200-generation run is no larger than that of a 10-generation one.
 - A resume builds a fresh strategy from the same x0, sigma0 and options, sets that state back
   with `restore_cma_state` and restores the RNG states, so a killed run goes on with
   bit-identical candidates. The population, sigma0, seed and x0 are kept in the checkpoint, and
@@ -19,6 +22,12 @@ however long the run:
   `load_search_history`, go to a file of their own, written once: `ckpt_dir/history/
   gen_<gen>.npz`. Before, each checkpoint held the whole history and a resume replayed it, so a
   2,000-generation run of 64 x 867 parameters rewrote up to ~0.9 GB every generation.
+- So do the curves `evolve` returns (`ESResult.history`): that file also holds the generation's
+  best, mean and worst return (`best`, `mean`, `worst`) and, where the mean parameters were
+  scored that generation, the score and its std (`eval`, `eval_std`). A resume rebuilds the
+  curves from the files of generations 1 to the checkpoint's, reading only those numbers.
+  (54a6e29 kept the curves in the checkpoint, ~27 bytes more a generation; a run it wrote
+  resumes, and its history files get their curves then.)
 
 The same loop trains the car's controller (in the real env or in the dream) and the tests'
 quadratic, so what the tests check is what the car uses.
@@ -27,6 +36,7 @@ quadratic, so what the tests check is what the car uses.
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 import types
 import warnings
@@ -95,8 +105,11 @@ def _make_es(n_params: int, s: ESSettings) -> cma.CMAEvolutionStrategy:
 #
 # `cma_state(es)` walks `vars(es)` and, recursively, the attributes of every object of a `cma`
 # class it holds (the sampler `sm`, `adapt_sigma`, `best`, `fit`, `sp`, ...). Entries are keyed by
-# attribute path ("sigma", "sm.C", "adapt_sigma.ps", "best.x"); a value is a number, string,
+# attribute path ("sigma", "sm.C", "adapt_sigma.ps", "best.x"); a value is a float, string,
 # bool or None as is, or a small dict tagged by its kind:
+#   {"int": index}: a Python int, kept in the int64 tensor `ints` at that index. Pickled, an int
+#       takes 1 to 5 bytes by its size, so the counters (countevals, best.evals, ...) would make
+#       the checkpoint grow with the generations by a few bytes; in a tensor they take 8 each;
 #   {"array": buffer, "offset", "shape", "strides", "dtype", "writeable", "memo"}: an ndarray,
 #       as a view into `buffers[buffer]` (the raw bytes of the memory it lives in), so arrays
 #       that share memory (np.diag(C) and C, rows of one population) share it again on resume;
@@ -106,9 +119,11 @@ def _make_es(n_params: int, s: ESSettings) -> cma.CMAEvolutionStrategy:
 #       entries of their own ("items": the contents of one that is also a list or dict);
 #   {"ref": memo}: an object met before under another path (es.C is es.sm.C, es.sp0 is es.sp);
 #   {"keep": memo}: left as the fresh strategy builds it (see _KEEP, and functions/methods).
-# Anything else raises TypeError, so a `cma` that keeps state of another kind fails loudly
-# rather than resuming inexactly. `restore_cma_state` reads the entries in the order they were
-# written, so a ref always names something already restored.
+# Strings, paths included, are interned: pickled once per value, whichever objects held them, so
+# a resumed run's checkpoint has the size of one that ran straight through. Anything else
+# raises TypeError, so a `cma` that keeps state of another kind fails loudly rather than
+# resuming inexactly. `restore_cma_state` reads the entries in the order they were written, so
+# a ref always names something already restored.
 
 # Attributes not saved: the fresh strategy's own are kept. `opts` follows from x0, sigma0 and
 # the options (the loop never changes them) and holds functions; the logger only writes files
@@ -117,7 +132,8 @@ def _make_es(n_params: int, s: ESSettings) -> cma.CMAEvolutionStrategy:
 # `evolve` never asks (it runs a set number of generations): after a resume they hold the
 # resumed part only.
 _KEEP = frozenset({"opts", "logger", "fit.hist", "fit.histbest", "fit.histmedian", "hsiglist"})
-_PLAIN = (type(None), bool, int, float, str)
+_PLAIN = (type(None), bool, int, float, str)  # int: only those beyond int64
+_INT64 = range(-(2**63), 2**63)
 
 
 def _is_cma_object(v: Any) -> bool:
@@ -135,6 +151,7 @@ class _Saver:
     def __init__(self) -> None:
         self.entries: dict[str, Any] = {}
         self.buffers: list[torch.Tensor] = []
+        self.ints: list[int] = []
         self._buffer_of: dict[int, int] = {}  # id(memory owner) -> index in buffers
         self._memo: dict[int, int] = {}  # id(object) -> memo number
         self._alive: list[Any] = []  # keeps the objects whose ids are memo keys alive
@@ -146,7 +163,7 @@ class _Saver:
 
     def walk(self, obj: Any, prefix: str) -> None:
         for name, v in vars(obj).items():
-            path = prefix + name
+            path = sys.intern(prefix + name)
             if path in _KEEP or _is_code(v):
                 self.entries[path] = {"keep": self.memo(v)}
             elif id(v) in self._memo:
@@ -154,7 +171,7 @@ class _Saver:
             elif _is_cma_object(v):
                 cls = type(v)
                 entry: dict[str, Any] = {
-                    "object": f"{cls.__module__}:{cls.__qualname__}",
+                    "object": sys.intern(f"{cls.__module__}:{cls.__qualname__}"),
                     "memo": self.memo(v),
                 }
                 if isinstance(v, list):
@@ -169,6 +186,11 @@ class _Saver:
                 self.entries[path] = self.encode(v, path)
 
     def encode(self, v: Any, path: str) -> Any:
+        if type(v) is int and v in _INT64:
+            self.ints.append(v)
+            return {"int": len(self.ints) - 1}
+        if type(v) is str:
+            return sys.intern(v)
         if type(v) in _PLAIN:
             return v
         if id(v) in self._memo:
@@ -206,7 +228,7 @@ class _Saver:
             "offset": a.ctypes.data - owner.ctypes.data,
             "shape": list(a.shape),
             "strides": list(a.strides),
-            "dtype": a.dtype.str,
+            "dtype": sys.intern(a.dtype.str),
             "writeable": bool(a.flags.writeable),
             "memo": self.memo(a),
         }
@@ -216,7 +238,8 @@ def cma_state(es: cma.CMAEvolutionStrategy) -> dict[str, Any]:
     """CMA-ES's state as tensors and plain data, for `restore_cma_state` (see above)."""
     saver = _Saver()
     saver.walk(es, "")
-    return {"buffers": saver.buffers, "attributes": saver.entries}
+    ints = torch.tensor(saver.ints, dtype=torch.int64)
+    return {"buffers": saver.buffers, "ints": ints, "attributes": saver.entries}
 
 
 def _cma_class(name: str) -> type:
@@ -233,11 +256,14 @@ def restore_cma_state(es: cma.CMAEvolutionStrategy, state: dict[str, Any]) -> No
     """Set what `cma_state` saved back into `es`, a strategy freshly built with the same x0,
     sigma0 and options (what is not saved stays as it built it)."""
     buffers = [b.numpy() for b in state["buffers"]]
+    ints = state["ints"].tolist() if "ints" in state else []  # 54a6e29 kept ints as they are
     memo: dict[int, Any] = {}
 
     def decode(v: Any) -> Any:
         if not isinstance(v, dict):
             return v
+        if "int" in v:
+            return ints[v["int"]]
         if "ref" in v:
             return memo[v["ref"]]
         if "array" in v:
@@ -298,6 +324,50 @@ def restore_cma_state(es: cma.CMAEvolutionStrategy, state: dict[str, Any]) -> No
 
 
 # ---------------------------------------------------------------------------------------------
+# RNG states in tensors
+
+
+def _rng_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """`rng_state()` with the Mersenne Twisters' ints in int64 tensors: pickled, an int takes 1
+    to 5 bytes by its size, so the checkpoint's size would vary with the draws by tens of
+    bytes."""
+    version, internal, gauss_next = state["python"]
+    mt = state["numpy"]
+    return state | {
+        "python": {
+            "version": version,
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": float("nan") if gauss_next is None else float(gauss_next),
+        },
+        "numpy": {
+            "bit_generator": sys.intern(mt["bit_generator"]),
+            "key": torch.tensor(mt["state"]["key"], dtype=torch.int64),
+            "pos_has_gauss": torch.tensor([mt["state"]["pos"], mt["has_gauss"]]),
+            "gauss": float(mt["gauss"]),
+        },
+    }
+
+
+def _rng_state(saved: dict[str, Any]) -> dict[str, Any]:
+    """What `set_rng_state` takes, from `_rng_tensors`'s (or a 54a6e29 checkpoint's
+    `rng_state()`)."""
+    py, mt = saved["python"], saved["numpy"]
+    if not isinstance(py, dict):
+        return saved
+    gauss_next = None if np.isnan(py["gauss_next"]) else py["gauss_next"]
+    pos, has_gauss = mt["pos_has_gauss"].tolist()
+    return saved | {
+        "python": [py["version"], py["internal"].tolist(), gauss_next],
+        "numpy": {
+            "bit_generator": mt["bit_generator"],
+            "state": {"key": mt["key"].tolist(), "pos": pos},
+            "has_gauss": has_gauss,
+            "gauss": mt["gauss"],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The search history: one file per generation
 
 
@@ -306,13 +376,79 @@ def _history_file(ckpt_dir: Path, generation: int) -> Path:
 
 
 def _save_generation(
-    ckpt_dir: Path, generation: int, candidates: np.ndarray, returns: np.ndarray
+    ckpt_dir: Path,
+    generation: int,
+    candidates: np.ndarray,
+    returns: np.ndarray,
+    score: tuple[float, float] | None,
 ) -> None:
-    """Write one generation's candidates and returns, atomically. A rerun generation (resumed
-    after a kill between this and its checkpoint) replaces the file."""
+    """Write one generation's candidates, returns, their best/mean/worst and the mean
+    parameters' `score` (mean, std) if they were scored, atomically. A rerun generation
+    (resumed after a kill between this and its checkpoint) replaces the file."""
+    arrays = {
+        "candidates": candidates,
+        "returns": returns,
+        "best": np.float64(returns.max()),
+        "mean": np.float64(returns.mean()),
+        "worst": np.float64(returns.min()),
+    }
+    if score is not None:
+        arrays["eval"], arrays["eval_std"] = np.float64(score[0]), np.float64(score[1])
     path = _history_file(ckpt_dir, generation)
     with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, candidates=candidates, returns=returns)
+        np.savez(tmp, **arrays)
+
+
+def _read_history(ck_path: Path, step: int, read: Callable[[int, Any], None]) -> None:
+    """Call `read(generation, npz)` on the history file of each generation 1..`step` of the
+    checkpoint at `ck_path` (a later file is of a generation killed midway). A file that is
+    missing or lacks what `read` asks for is a one-line UserError."""
+    for generation in range(1, step + 1):
+        file = _history_file(ck_path.parent, generation)
+        try:
+            with np.load(file, allow_pickle=False) as f:
+                read(generation, f)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise UserError(
+                f"{file}: search history of {ck_path} is missing or unreadable "
+                f"({type(err).__name__})"
+            ) from None
+
+
+def _new_curves() -> dict[str, list]:
+    return {"best": [], "mean": [], "worst": [], "eval_gen": [], "eval": []}
+
+
+def _load_curves(ck_path: Path, step: int) -> dict[str, list]:
+    """The curves of generations 1..`step`, from their history files."""
+    curves = _new_curves()
+
+    def read(generation: int, f: Any) -> None:
+        for key in ("best", "mean", "worst"):
+            curves[key].append(float(f[key]))
+        if "eval" in f.files:
+            curves["eval_gen"].append(generation)
+            curves["eval"].append(float(f["eval"]))
+
+    _read_history(ck_path, step, read)
+    return curves
+
+
+def _add_curves_to_history(ck_path: Path, step: int, curves: dict[str, list]) -> None:
+    """Rewrite the history files of a checkpoint written by 54a6e29 (curves in the checkpoint,
+    candidates and returns alone in the files) with their curves, once, so that the resumed run
+    can be resumed again. Its scores' std was not kept: it is NaN."""
+    scores = dict(zip(curves["eval_gen"], curves["eval"]))
+    old: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def read(generation: int, f: Any) -> None:
+        if "best" not in f.files:
+            old.append((generation, f["candidates"], f["returns"]))
+
+    _read_history(ck_path, step, read)
+    for generation, candidates, returns in old:
+        score = (scores[generation], np.nan) if generation in scores else None
+        _save_generation(ck_path.parent, generation, candidates, returns, score)
 
 
 def _check_settings(ck_path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -344,7 +480,8 @@ def evolve(
 
     `eval_fn(params) -> (mean, std)` scores the current mean on more trials every
     `settings.eval_every` generations. Checkpoints go to `ckpt_dir` every generation, each
-    generation's candidates and returns to `ckpt_dir/history/` (see the module docstring).
+    generation's candidates, returns and curves to `ckpt_dir/history/` (see the module
+    docstring).
     """
     ckpt_dir = Path(ckpt_dir)
     es = _make_es(n_params, settings)  # seeds numpy's global RNG
@@ -355,7 +492,7 @@ def evolve(
         "seed": settings.seed,
         "x0": torch.from_numpy(_x0(n_params, settings)),
     }
-    curves: dict[str, list] = {"best": [], "mean": [], "worst": [], "eval_gen": [], "eval": []}
+    curves = _new_curves()
     best_params, best_return = np.zeros(n_params), -np.inf
     scored_params, scored_return = None, -np.inf
     start = 0
@@ -369,8 +506,12 @@ def evolve(
             )
         _check_settings(ck.path, ck.state["es_settings"], es_settings)
         restore_cma_state(es, ck.state["cma"])
-        set_rng_state(ck.state["rng"])
-        curves = ck.state["curves"]
+        set_rng_state(_rng_state(ck.state["rng"]))
+        if "curves" in ck.state:  # written by 54a6e29, which kept them in the checkpoint
+            curves = ck.state["curves"]
+            _add_curves_to_history(ck.path, ck.step, curves)
+        else:
+            curves = _load_curves(ck.path, ck.step)
         best_params = ck.model["best_params"].numpy()
         best_return = float(ck.state["best_return"])
         if "scored_params" in ck.model:
@@ -387,7 +528,6 @@ def evolve(
         candidates = np.asarray(es.ask())  # (P, n)
         returns = np.asarray(fitness_returns(candidates, gen), dtype=float)  # (P,)
         es.tell(list(candidates), (-returns).tolist())  # cma minimises fitness = -return
-        _save_generation(ckpt_dir, gen + 1, candidates, returns)
         i = int(np.argmax(returns))
         if returns[i] > best_return:
             best_return, best_params = float(returns[i]), candidates[i].copy()
@@ -399,13 +539,16 @@ def evolve(
             f"mean {returns.mean():.2f} worst {returns.min():.2f}, sigma {es.sigma:.3f}, "
             f"{time.perf_counter() - t0:.1f}s"
         )
+        score = None
         if eval_fn is not None and settings.eval_every and (gen + 1) % settings.eval_every == 0:
             m, sd = eval_fn(np.asarray(es.mean))
+            score = float(m), float(sd)
             if m > scored_return:
                 scored_params, scored_return = np.asarray(es.mean).copy(), float(m)
             curves["eval_gen"].append(gen + 1)
             curves["eval"].append(float(m))
             line += f"; mean params scored {m:.2f} +- {sd:.2f}"
+        _save_generation(ckpt_dir, gen + 1, candidates, returns, score)
         if run is not None:
             run.log.info(line)
             run.scalars(
@@ -429,10 +572,9 @@ def evolve(
             gen + 1,
             arrays,
             {
-                "rng": rng_state(),
+                "rng": _rng_tensors(rng_state()),
                 "cma": cma_state(es),
                 "es_settings": es_settings,
-                "curves": curves,  # 3 numbers a generation (+1 per evaluation), for plots
                 "best_return": best_return,
                 "scored_return": scored_return,
             },
@@ -480,15 +622,10 @@ def load_search_history(path: Path) -> tuple[list[np.ndarray], list[np.ndarray],
     if "cma" not in ck.state or not folder.is_dir():
         raise UserError(f"{ck.path}: not an evolve checkpoint with a search history (no {folder})")
     candidates, returns = [], []
-    for generation in range(1, ck.step + 1):  # a later file is of a generation killed midway
-        file = _history_file(ck.path.parent, generation)
-        try:
-            with np.load(file, allow_pickle=False) as f:
-                candidates.append(f["candidates"])
-                returns.append(f["returns"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            raise UserError(
-                f"{file}: search history of {ck.path} is missing or unreadable "
-                f"({type(err).__name__})"
-            ) from None
+
+    def read(generation: int, f: Any) -> None:
+        candidates.append(f["candidates"])
+        returns.append(f["returns"])
+
+    _read_history(ck.path, ck.step, read)
     return candidates, returns, ck.config
