@@ -71,7 +71,8 @@ class MDNTransformer(nn.Module):
 
     def forward(self, z: torch.Tensor, action: torch.Tensor, state=None) -> MDNOutput:
         """Predictions for whole sequences from an empty context: z (B, T, z_dim), action
-        (B, T, action_dim), T <= window."""
+        (B, T, action_dim); past `window` steps each position reads a sliding window, as the
+        stepper's ring does."""
         if state is not None:
             raise ValueError("the Transformer M trains on sequences from an empty context")
         return self.heads(self.core.hidden(torch.cat([z, action], dim=-1)))  # (B, T, .)
@@ -80,6 +81,9 @@ class MDNTransformer(nn.Module):
         return self.heads.loss(out, *targets, **kw)
 
     def stepper(self, dtype: torch.dtype = torch.float32) -> TransformerStepper:
+        """The one-step protocol over this (live) model, in eval mode; float32 only."""
+        if dtype != torch.float32:
+            raise ValueError(f"the Transformer M steps in float32 only, not {dtype}")
         return TransformerStepper(self)
 
 

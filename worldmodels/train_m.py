@@ -45,8 +45,10 @@ from worldmodels.latents import LatentStore
 from worldmodels.layout import RunLayout
 from worldmodels.sequences import Episode, load_episodes, make_chunks, training_batches
 
-# Settings that fix the shapes of M's weights: a resume must match them.
-SHAPE_KEYS = ["kind", "hidden", "layers", "n_mixtures", "seq_len", "z_dim", "action_dim"]
+# Settings that fix the shapes of M's weights (the Transformer's also its layers and window, made
+# from seq_len): a resume must match them.
+SHAPE_KEYS = ["kind", "hidden", "n_mixtures", "z_dim", "action_dim"]
+TRANSFORMER_SHAPE_KEYS = ["layers", "seq_len"]
 GRAD_CLIP = 1.0  # gradient norm clip
 WARMUP_BATCHES = 50  # the Transformer's learning rate ramps up over its first batches
 FREE_RUN_TEMPERATURE = 1.0  # free-running draws at World Models' own temperature
@@ -97,7 +99,9 @@ class TrainMConfig(RunConfig):
         "from a real z at each window's start, scored against the real targets (0: off)",
         min=0,
     )
-    heldout_fraction: float = setting(0.05, "fraction of episodes held out (V's rule)", max=0.5)
+    heldout_fraction: float = setting(
+        0.05, "fraction of episodes held out (V's rule)", min=0.0, max=0.5
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -154,7 +158,8 @@ def free_run_inputs(
     one-step protocol a dream runs. Returns z (B, T, z_dim)."""
     z_real, actions = batch["z"], batch["actions"]
     B, T, _ = z_real.shape
-    m = model.stepper()  # a snapshot of this batch's weights
+    m = model.stepper()  # the LSTM's is a snapshot of this batch's weights; the Transformer's
+    # reads the live model (in eval mode until the pass is done)
     state = m.initial_state(B)
     steps = torch.arange(T, device=z_real.device)
     real = ((steps - phase) % window == 0) | (steps == 0)  # (T,)
@@ -216,14 +221,19 @@ def main(cfg: TrainMConfig) -> int:
     start_epoch = 0
     if latest_checkpoint(ckpt_dir) is not None:
         ck = load_checkpoint(ckpt_dir, map_location=device)
-        check_compatible(ck.config, config, SHAPE_KEYS, ck.path)
+        keys = SHAPE_KEYS + (TRANSFORMER_SHAPE_KEYS if cfg.kind == "transformer" else [])
+        check_compatible(ck.config, config, keys, ck.path)
         model.load_state_dict(ck.model)
         opt.load_state_dict(ck.state["optim"])
         set_rng_state(ck.state["rng"])
         start_epoch = ck.step
         run.log.info(f"m: resumed from {ck.path} (epoch {start_epoch})")
     data_rng = np.random.default_rng([cfg.seed, start_epoch])
-    held = make_chunks(held_eps, cfg.seq_len, np.random.default_rng(cfg.seed), cfg.z_noise, False)
+    held = (
+        make_chunks(held_eps, cfg.seq_len, np.random.default_rng(cfg.seed), cfg.z_noise, False)
+        if held_eps
+        else None
+    )
     run.log.info(
         f"m: {cfg.kind}, {len(train_eps)} train / {len(held_eps)} held-out episodes, z_dim "
         f"{z_dim}, {sum(p.numel() for p in model.parameters())} parameters, device {device}"
