@@ -295,12 +295,13 @@ def test_a_run_checkpointed_with_its_curves_resumes(tmp_path):
     assert_same_history(tmp_path / "a", old)
 
 
-def test_cma_state_restores_every_attribute(tmp_path):
+@pytest.mark.parametrize("population", [4, 8])  # cma keeps some index sets as ranges at 4
+def test_cma_state_restores_every_attribute(tmp_path, population):
     """Through torch.save/torch.load(weights_only=True): the restored strategy's state equals
     the original's, arrays that were one object or shared memory still do, and both go on
     alike."""
     n = 20
-    s = settings(0, population=8)
+    s = settings(0, population=population)
     es = _make_es(n, s)
     for _ in range(15):
         x = np.asarray(es.ask())

@@ -201,6 +201,8 @@ class _Saver:
             return {"scalar": torch.from_numpy(np.array(v))}
         if type(v) is tuple:
             return {"tuple": [self.encode(x, path) for x in v]}
+        if type(v) is range:  # cma keeps some index sets as ranges (small populations)
+            return {"range": [self.encode(x, path) for x in (v.start, v.stop, v.step)]}
         if type(v) is list:
             n = self.memo(v)
             return {"list": [self.encode(x, path) for x in v], "memo": n}
@@ -281,6 +283,8 @@ def restore_cma_state(es: cma.CMAEvolutionStrategy, state: dict[str, Any]) -> No
             return v["scalar"].numpy()[()]
         if "tuple" in v:
             return tuple(decode(x) for x in v["tuple"])
+        if "range" in v:
+            return range(*(decode(x) for x in v["range"]))
         if "list" in v:
             memo[v["memo"]] = out = []
             out.extend(decode(x) for x in v["list"])
