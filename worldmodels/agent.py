@@ -78,7 +78,7 @@ class WorldModelAgent:
     def observe(self, obs: np.ndarray, action: np.ndarray) -> None:
         """Update M's state with a frame and an action this agent did not choose (a warm-up)."""
         z = self._encode(obs)
-        a = torch.as_tensor(np.asarray(action, dtype=np.float32))[None]  # (1, A)
+        a = torch.tensor(np.asarray(action, dtype=np.float32))[None]  # (1, A), a copy
         self.state = self.stepper.observe(self.state, z, a)
         self.last_z = z
 
