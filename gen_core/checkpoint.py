@@ -54,6 +54,10 @@ MODELS = {
     "VAE": "gen_core.vae:VAE:VAEConfig",
     "MDNRNN": "gen_core.mdnrnn:MDNRNN:MDNRNNConfig",
     "MDNTransformer": "gen_core.mdn_transformer:MDNTransformer:MDNTransformerConfig",
+    "Transformer": "gen_core.transformer:Transformer:TransformerConfig",
+    "GAN": "gen_core.gan:GAN:GANConfig",
+    "Diffusion": "gen_core.diffusion:Diffusion:DiffusionConfig",
+    "FeatureNet": "gen_core.image_metrics:FeatureNet:FeatureConfig",
 }
 
 

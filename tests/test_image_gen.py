@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gen_core.checkpoint import load_checkpoint, load_model, model_spec, save_checkpoint
 from gen_core.config import load_config
 from gen_core.image_metrics import (
     FeatureConfig,
@@ -19,17 +20,18 @@ from gen_core.image_metrics import (
     nearest_distances,
     train_feature_net,
 )
-from gen_core.vae import images_to_float
+from gen_core.vae import VAE, VAEConfig, images_to_float
 from rollouts.store import EpisodeStore, StoreInfo
 from worldmodels.cli import main as cli
 from worldmodels.gen.image import (
     TRAIN_STEP,
     ImageData,
     TrainImageConfig,
-    build_model,
+    load_image_model,
     main,
     make_optimizers,
     model_config,
+    new_model,
     split_units,
 )
 
@@ -93,8 +95,6 @@ def test_frechet_distance_by_hand():
 
 
 def test_feature_net_is_deterministic_and_survives_a_checkpoint(tmp_path):
-    from gen_core.checkpoint import load_checkpoint, save_checkpoint
-
     torch.manual_seed(0)
     x = images_to_float(synthetic(10))
     batches = iter([images_to_float(synthetic(8, seed=s)) for s in range(3)])
@@ -112,10 +112,10 @@ def test_feature_net_is_deterministic_and_survives_a_checkpoint(tmp_path):
     assert torch.equal(f, compute_features(net, x))  # no randomness at all
     assert torch.allclose(f, compute_features(net, x, batch_size=3), atol=1e-5)  # float order
     assert net(x).shape == x.shape
-    save_checkpoint(tmp_path, 1, net.state_dict(), {}, {})
-    loaded = FeatureNet(FeatureConfig(image_size=16))
-    loaded.load_state_dict(load_checkpoint(tmp_path).model)  # standardisation included
-    assert torch.equal(compute_features(loaded.eval(), x), f)
+    save_checkpoint(tmp_path, 1, net.state_dict(), {}, {}, model_spec=model_spec(net))
+    loaded, _ = load_model(tmp_path, kinds=("FeatureNet",))  # standardisation included
+    assert isinstance(loaded, FeatureNet) and loaded.config == net.config
+    assert torch.equal(compute_features(loaded, x), f)
 
 
 def test_memorisation_tells_copies_from_new_images():
@@ -177,7 +177,7 @@ def test_each_model_learns_a_small_image_set(model, steps, lr):
         model=model, data="-", image_size=16, width=16 if model != "ddpm" else 8,
         batch_size=32, lr=lr, timesteps=100, ddpm_mults=[1, 2], ddpm_attention=[8],
     )  # fmt: skip
-    net = build_model(model, model_config(cfg))
+    net = new_model(model_config(cfg))
     opts = make_optimizers(model, net, cfg.lr)
     batches = _batches(data, 32)
     real_mean = images_to_float(data).mean(0)
@@ -239,6 +239,12 @@ def test_train_sample_eval_on_an_image_folder(tmp_path, image_folder, capsys, mo
     assert cli([*train[:-len(common)], "steps=4", *common]) == 0  # fmt: skip
     assert (stage / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert "resuming from" in (stage / "log.txt").read_text()
+    # the model is rebuilt from model.yaml alone, its kind (dcgan or wgan-gp) read from there
+    ck = load_checkpoint(stage / "checkpoints")
+    assert ck.model_spec["class"] == {"vae": "VAE", "ddpm": "Diffusion"}.get(model, "GAN")
+    assert "model_config" not in ck.state and "model" not in ck.state
+    kind, net, _ = load_image_model(stage, "cpu")
+    assert kind == model and not net.training
 
     out = tmp_path / "grid.png"
     sample = ["gen", "sample", f"checkpoint={stage}", "n=5", f"out={out}", "npy=true",
@@ -259,6 +265,7 @@ def test_train_sample_eval_on_an_image_folder(tmp_path, image_folder, capsys, mo
     for key in ("fd", "fd_real_ref", "fd_mean_frame_ref", "fd_noise_ref", "nn_ratio"):
         assert np.isfinite(result[key]) and result[key] >= 0, key
     assert (runs / "t" / "image_features" / "latest").is_file()  # trained once, then reused
+    assert load_checkpoint(runs / "t" / "image_features").model_spec["class"] == "FeatureNet"
 
 
 def test_train_on_a_store_with_a_time_budget(tmp_path):
@@ -292,3 +299,9 @@ def test_mistakes_are_one_line_errors(tmp_path, image_folder, capsys):
         assert message in err[-1] and "Traceback" not in "\n".join(err), err
     assert cli(["gen", "sample", f"checkpoint={tmp_path / 'nothing'}"]) == 2
     assert "no checkpoint found" in capsys.readouterr().err
+    # V of `wm train-vae` is a VAE too, but no train-image run: refused in one line
+    v = VAE(VAEConfig(image_size=16, z_dim=4, widths=(8, 16)))
+    save_checkpoint(tmp_path / "v", 1, v.state_dict(), {}, {"z_dim": 4}, model_spec=model_spec(v))
+    assert cli(["gen", "sample", f"checkpoint={tmp_path / 'v'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "v/step_00000001: not a train-image checkpoint" in err[-1], err

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gen_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gen_core.checkpoint import latest_checkpoint, load_checkpoint, model_spec, save_checkpoint
+from gen_core.config import to_dict
 from gen_core.errors import UserError
 from gen_core.vae import VAE, VAEConfig, images_to_float, images_to_uint8
 from rollouts.store import EpisodeStore, StoreInfo
@@ -15,7 +16,8 @@ from worldmodels.encode import EncodeConfig
 from worldmodels.encode import main as encode_main
 from worldmodels.episodes import prefetch, split_episodes
 from worldmodels.latents import LatentStore
-from worldmodels.train_vae import TrainVAEConfig, main, oversized_decoder_hint
+from worldmodels.models import load_vae, vae_from_checkpoint
+from worldmodels.train_vae import TrainVAEConfig, main, oversized_decoder_hint, vae_config
 
 TINY = VAEConfig(image_size=16, z_dim=4, widths=(8, 16))
 
@@ -179,10 +181,17 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     x = images_to_float(torch.from_numpy(squares(np.random.default_rng(0), 4)))
     model(x).loss.backward()
     opt.step()
-    save_checkpoint(tmp_path, 1, model.state_dict(), {"optimizer": opt.state_dict()}, {})
-    ckpt = load_checkpoint(tmp_path)
-    other = VAE(TINY)
-    other.load_state_dict(ckpt.model)
+    save_checkpoint(
+        tmp_path,
+        1,
+        model.state_dict(),
+        {"optimizer": opt.state_dict()},
+        {"lr": 1},
+        model_spec=model_spec(model),
+    )
+    other, config = load_vae(tmp_path)  # rebuilt from model.yaml alone
+    assert other.config == TINY and not other.training and config == {"lr": 1}
+    model.eval()
     with torch.no_grad():
         for a, b in zip(model.encode(x), other.encode(x)):
             assert torch.equal(a, b)
@@ -254,6 +263,9 @@ def test_train_resume_and_encode(tmp_path):
     ckpt_dir = tmp_path / "toy" / "vae" / "checkpoints"
     first = load_checkpoint(ckpt_dir)
     assert first.step == 1 and first.state["epoch"] == 1
+    # V's config lives in model.yaml, the same way as every model's, not in the training state
+    assert first.model_spec["class"] == "VAE" and "vae_config" not in first.state
+    assert first.model_spec["config"] == to_dict(vae_config(cfg, [16, 16, 3]))
     for name in ("recon.png", "samples.png", "recon_epoch_0001.png"):
         assert Image.open(tmp_path / "toy" / "vae" / name).format == "PNG"
 
@@ -277,8 +289,8 @@ def test_train_resume_and_encode(tmp_path):
         np.testing.assert_array_equal(ep["actions"], frames["actions"])
         np.testing.assert_array_equal(ep["terminated"], frames["terminated"])
     # mu is the encoder's output for each frame
-    model = VAE(TINY)
-    model.load_state_dict(load_checkpoint(ckpt_dir).model)
+    model, ckpt = vae_from_checkpoint(ckpt_dir)
+    assert ckpt.step == 3 and model.config.widths == (8, 16)
     with torch.no_grad():
         mu, _ = model.encode(images_to_float(torch.from_numpy(store.load(2)["obs"])))
     np.testing.assert_allclose(latents.load(2)["mu"], mu.numpy(), rtol=1e-5, atol=1e-5)
@@ -302,11 +314,26 @@ def test_train_resume_and_encode(tmp_path):
         latents.load(1)
 
 
-def test_resume_refuses_a_different_shape(tmp_path):
+def test_resume_refuses_a_different_shape(tmp_path, capsys):
     toy_store(tmp_path / "toy" / "store", episodes=3)
     args = ["train-vae", *tiny_overrides(tmp_path), "epochs=1"]
     assert wm(args) == 0
+    capsys.readouterr()
     assert wm([*args, "epochs=2", "z_dim=8"]) == 2
+    assert "z_dim is 4 in the checkpoint but 8" in capsys.readouterr().err
+
+
+def test_load_vae_refuses_what_is_not_v(tmp_path):
+    save_checkpoint(tmp_path / "old", 1, VAE(TINY).state_dict(), {}, {})  # no model.yaml
+    with pytest.raises(UserError, match="old.*no model.yaml") as err:
+        load_vae(tmp_path / "old")
+    assert "\n" not in str(err.value)
+    from gen_core.mdnrnn import MDNRNN, MDNRNNConfig
+
+    m = MDNRNN(MDNRNNConfig(z_dim=4, hidden=8))
+    save_checkpoint(tmp_path / "m", 1, m.state_dict(), {}, {}, model_spec=model_spec(m))
+    with pytest.raises(UserError, match="m/step_00000001: holds a MDNRNN, expected VAE"):
+        load_vae(tmp_path / "m")
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,8 @@ from gen_core.config import ConfigError, setting
 from rollouts.policies import ExplorePolicy
 from rollouts.recording import RecordingConfig, collect
 from worldmodels.agent import WorldModelAgent, load_agent_parts
-from worldmodels.evolve import load_controller_params
 from worldmodels.layout import CONTROLLER_FOLDER, M_FOLDER, RunLayout
+from worldmodels.models import check_controller_spec, load_controller
 
 
 @dataclass
@@ -96,15 +96,16 @@ class _AgentFactory:
 def main(cfg: CollectAgentConfig) -> int:
     layout = RunLayout.of(cfg)
     k = layout.last_round()  # C and the M it was evolved with belong to the same round
-    params, ctrl_cfg = load_controller_params(
-        Path(cfg.controller or layout.controller_checkpoints(k)), cfg.params
-    )
-    parts = load_agent_parts(
+    c_path = Path(cfg.controller or layout.controller_checkpoints(k))
+    params, spec, _ = load_controller(c_path, cfg.params)
+    vae, m, agent_spec, frames = load_agent_parts(
         Path(cfg.vae or layout.vae_checkpoints),
         Path(cfg.m or layout.m_checkpoints(k)),
         cfg.store_path(),
-        observe_hidden=ctrl_cfg.get("observe_hidden", True),
+        observe_hidden=spec.hidden > 0,
     )
+    check_controller_spec(spec, agent_spec, c_path)
+    parts = (vae, m, spec, frames)
     collect(
         cfg,
         _AgentFactory(parts, params, cfg.action_noise, cfg.explore),

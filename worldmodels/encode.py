@@ -19,7 +19,6 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gen_core.checkpoint import load_checkpoint
 from gen_core.config import setting
 from gen_core.errors import UserError
 from gen_core.runs import RunConfig, progress, resolve_device, start_run
@@ -81,8 +80,8 @@ def main(cfg: EncodeConfig) -> int:
     device = resolve_device(cfg.device)
     store = EpisodeStore(cfg.store or layout.store)
     store.info()
-    ckpt = load_checkpoint(cfg.vae or layout.vae_checkpoints, map_location=device)
-    model = vae_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
+    model, ckpt = vae_from_checkpoint(cfg.vae or layout.vae_checkpoints, map_location=device)
+    model = model.to(memory_format=torch.channels_last)
     vcfg = model.config
 
     # The latents belong to one checkpoint: keep them only if they were made by this very one.

@@ -21,8 +21,8 @@ from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.parallel import ActorPool
 from rollouts.recording import make_env
 from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
-from worldmodels.evolve import load_controller_params
 from worldmodels.layout import CONTROLLER_FOLDER, M_FOLDER, RunLayout
+from worldmodels.models import check_controller_spec, load_controller
 from worldmodels.real_env import RealEnvWorker, eval_seeds
 from worldmodels.video import side_by_side, write_gif
 
@@ -66,15 +66,16 @@ def main(cfg: EvaluateConfig) -> int:
     parts, params = None, None
     if cfg.policy == "controller":
         k = layout.last_round()  # C and the M it was evolved with belong to the same round
-        params, ctrl_cfg = load_controller_params(
-            Path(cfg.controller or layout.controller_checkpoints(k)), cfg.params
-        )
-        parts = load_agent_parts(
+        c_path = Path(cfg.controller or layout.controller_checkpoints(k))
+        params, spec, _ = load_controller(c_path, cfg.params)
+        vae, m, agent_spec, frames = load_agent_parts(
             Path(cfg.vae or layout.vae_checkpoints),
             Path(cfg.m or layout.m_checkpoints(k)),
             Path(cfg.store or layout.store),
-            observe_hidden=ctrl_cfg.get("observe_hidden", True),
+            observe_hidden=spec.hidden > 0,
         )
+        check_controller_spec(spec, agent_spec, c_path)
+        parts = (vae, m, spec, frames)
     seeds = eval_seeds(cfg.seed, cfg.episodes)
     returns = np.zeros(cfg.episodes)
     pool = ActorPool(

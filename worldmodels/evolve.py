@@ -479,13 +479,15 @@ def evolve(
     eval_fn: Callable[[np.ndarray], tuple[float, float]] | None = None,
     shape_keys: list[str] | None = None,
     show_progress: bool = True,
+    model_spec: dict | None = None,
 ) -> ESResult:
     """Maximise the return that `fitness_returns(candidates (P, n), generation) -> (P,)` gives.
 
     `eval_fn(params) -> (mean, std)` scores the current mean on more trials every
     `settings.eval_every` generations. Checkpoints go to `ckpt_dir` every generation, each
     generation's candidates, returns and curves to `ckpt_dir/history/` (see the module
-    docstring).
+    docstring). `model_spec`, what the parameters are (a class and its config), is saved with
+    each checkpoint as its model.yaml.
     """
     ckpt_dir = Path(ckpt_dir)
     es = _make_es(n_params, settings)  # seeds numpy's global RNG
@@ -584,6 +586,7 @@ def evolve(
             },
             config,
             keep=2,  # the previous one survives a kill while this one is written
+            model_spec=model_spec,
         )
     bar.close()
     return ESResult(

@@ -832,10 +832,10 @@ def main(cfg: FidelityConfig) -> int:
     from gen_core.vae import images_to_float, images_to_uint8
     from rollouts.recording import make_env, preprocess
     from worldmodels.agent import WorldModelAgent, load_agent_parts
-    from worldmodels.controller import ControllerSpec
     from worldmodels.episodes import split_episodes
-    from worldmodels.evolve import load_controller_params, load_search_history
+    from worldmodels.evolve import load_search_history
     from worldmodels.latents import LatentStore
+    from worldmodels.models import check_controller_spec, load_controller
     from worldmodels.sequences import reward_targets
 
     run = start_run(cfg, "fidelity")
@@ -849,7 +849,7 @@ def main(cfg: FidelityConfig) -> int:
     m_cfg = checkpoint_config(m_path)  # M itself came with the agent parts above
     policies = [fixed_policy(n) for n in cfg.policies]
 
-    def controller(name: str, params: np.ndarray, c_cfg: dict, path: str) -> PolicySpec:
+    def controller(name: str, params: np.ndarray, c_spec, c_cfg: dict, path: str) -> PolicySpec:
         trained_with = controller_m(c_cfg)
         if _stage_dir(trained_with) != _stage_dir(m_path):
             # C reads M's hidden state: with another M its inputs mean something else.
@@ -857,20 +857,20 @@ def main(cfg: FidelityConfig) -> int:
                 f"fidelity: {path} was evolved with M {trained_with}, not {m_path}; its real and "
                 "dream returns here are those of C on this M's hidden state"
             )
-        c_spec = ControllerSpec(
-            spec.z_dim, spec.hidden if c_cfg.get("observe_hidden", True) else 0, spec.action_dim
-        )
+        check_controller_spec(c_spec, spec, path)  # its spec from model.yaml, as V and M allow
         return PolicySpec(name, "controller", None, params, c_spec)
 
     for i, path in enumerate(cfg.controllers):
-        params, c_cfg = load_controller_params(Path(path), "auto")
-        policies.append(controller(f"controller_{i + 1}", params, c_cfg, path))
+        params, c_spec, c_cfg = load_controller(Path(path), "auto")
+        policies.append(controller(f"controller_{i + 1}", params, c_spec, c_cfg, path))
     searched: list[tuple[int, float]] = []  # (generation, recorded return) per search policy
     if cfg.search:
         candidates, returns, c_cfg = load_search_history(Path(cfg.search))
+        _, c_spec, _ = load_controller(Path(cfg.search), "mean")
         picks = pick_candidates(returns, cfg.search_generations, cfg.search_per_generation)
         for g, rank, i in picks:
-            policies.append(controller(f"g{g}_r{rank}", candidates[g - 1][i], c_cfg, cfg.search))
+            candidate = candidates[g - 1][i]
+            policies.append(controller(f"g{g}_r{rank}", candidate, c_spec, c_cfg, cfg.search))
             searched.append((g, float(returns[g - 1][i])))
 
     def stored_frames(obs_list: list[np.ndarray]) -> np.ndarray:

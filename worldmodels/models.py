@@ -1,30 +1,32 @@
 """Trained models loaded back from their checkpoints, for the stages that use them.
 
-V is trained by `wm train-vae` and read by encode, dream-video, the agent and fidelity; loading
-it lives here so that none of them imports the training stage.
+V is trained by `wm train-vae` and read by encode, dream-video, the agent and fidelity; M by
+`wm train-m`; C by `wm train-controller` and read by evaluate, collect-agent and fidelity.
+Loading them lives here so that none of those stages imports a training stage. Every one is
+rebuilt from its checkpoint's model.yaml alone (`gen_core.checkpoint.load_model`); C, a flat
+parameter vector rather than a module, keeps its `ControllerSpec` there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gen_core.checkpoint import Checkpoint, load_checkpoint, load_model
 from gen_core.errors import UserError
-from gen_core.vae import VAE, VAEConfig
+from gen_core.vae import VAE
+from worldmodels.controller import ControllerSpec
+
+V_CLASSES = ("VAE",)
 
 
-def vae_from_checkpoint(ck: Checkpoint) -> VAE:
-    """V built from a loaded checkpoint, in eval mode (UserError if it is not V's)."""
-    if "vae_config" not in ck.state:
-        raise UserError(f"{ck.path}: not a VAE checkpoint (no vae_config); run 'wm train-vae'")
-    vcfg = dict(ck.state["vae_config"])
-    vcfg["widths"] = tuple(vcfg["widths"])  # a list once through the checkpoint's state
-    model = VAE(VAEConfig(**vcfg))
-    model.load_state_dict(ck.model)
-    model.eval()
-    return model
+def vae_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[VAE, Checkpoint]:
+    """V rebuilt from its checkpoint's model.yaml (step folder, checkpoints folder or stage
+    folder), in eval mode, and the checkpoint (UserError naming the path if it is not V's)."""
+    return load_model(path, map_location, kinds=V_CLASSES)
 
 
 def load_vae(path: str | Path, map_location="cpu") -> tuple[VAE, dict]:
@@ -32,8 +34,8 @@ def load_vae(path: str | Path, map_location="cpu") -> tuple[VAE, dict]:
 
     Returns the model and the config of the run that trained it.
     """
-    ck = load_checkpoint(path, map_location=map_location)
-    return vae_from_checkpoint(ck), ck.config
+    model, ck = vae_from_checkpoint(path, map_location)
+    return model, ck.config
 
 
 M_CLASSES = ("MDNRNN", "MDNTransformer")
@@ -44,3 +46,62 @@ def load_m(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, dict]
     eval mode; and the config of the run that trained it. Dream with `model.stepper()`."""
     model, ck = load_model(path, map_location, kinds=M_CLASSES)
     return model, ck.config
+
+
+CONTROLLER_CLASS = "LinearController"
+
+
+def controller_model_spec(spec: ControllerSpec) -> dict:
+    """What an evolve checkpoint keeps as model.yaml for C: the class and its ControllerSpec."""
+    return {"class": CONTROLLER_CLASS, "config": dataclasses.asdict(spec)}
+
+
+def load_controller(
+    path: str | Path, which: str = "auto"
+) -> tuple[np.ndarray, ControllerSpec, dict]:
+    """C from an evolve checkpoint (step folder, checkpoints folder or stage folder): its flat
+    parameters, its `ControllerSpec` (from model.yaml) and the config of the run that evolved it.
+
+    which: "scored", "mean", "best" or "auto", as `worldmodels.evolve.load_controller_params`.
+    """
+    from worldmodels.evolve import load_controller_params  # cma only where C is read
+
+    ck = load_checkpoint(path)
+    found = (ck.model_spec or {}).get("class")
+    if found != CONTROLLER_CLASS:
+        raise UserError(
+            f"{ck.path}: not a controller checkpoint (model.yaml "
+            + (f"holds a {found})" if ck.model_spec else "is missing)")
+            + "; run 'wm train-controller'"
+        )
+    known = {f.name for f in dataclasses.fields(ControllerSpec)}
+    config = dict(ck.model_spec.get("config") or {})
+    if unknown := sorted(set(config) - known):
+        raise UserError(
+            f"{ck.path}: model.yaml has {unknown[0]!r}, which ControllerSpec does not know"
+        )
+    spec = ControllerSpec(**config)
+    params, run_config = load_controller_params(ck.path, which)
+    if params.shape != (spec.n_params,):
+        raise UserError(
+            f"{ck.path}: {params.shape[-1]} controller parameters, but its model.yaml describes "
+            f"{spec.n_params}"
+        )
+    return params, spec, run_config
+
+
+def check_controller_spec(loaded: ControllerSpec, agent: ControllerSpec, path: str | Path) -> None:
+    """UserError (one line, naming `path`) unless C, as loaded, reads what V and M give the agent
+    (`agent`, from `worldmodels.agent.load_agent_parts`): V's z_dim, M's hidden features (or
+    none, the z-only variant) and M's action size."""
+    fits = (
+        loaded.z_dim == agent.z_dim
+        and loaded.hidden in (0, agent.hidden)
+        and loaded.action_dim == agent.action_dim
+    )
+    if not fits:
+        raise UserError(
+            f"{path}: the controller reads z_dim {loaded.z_dim} + hidden {loaded.hidden} and "
+            f"makes {loaded.action_dim} actions, but V and M give z_dim {agent.z_dim} + hidden "
+            f"{agent.hidden} and {agent.action_dim} actions; use the V and M it was evolved with"
+        )

@@ -28,6 +28,7 @@ from worldmodels.dream import DreamConfig, DreamStarts, dream_returns
 from worldmodels.evolve import ESSettings, evolve
 from worldmodels.latents import LatentStore
 from worldmodels.layout import RunLayout
+from worldmodels.models import controller_model_spec
 from worldmodels.real_env import RealEnvWorker
 
 
@@ -174,6 +175,7 @@ def main(cfg: TrainControllerConfig) -> int:
             eval_fn=score_mean if cfg.eval_every else None,
             shape_keys=["observe_hidden"],
             show_progress=cfg.progress,
+            model_spec=controller_model_spec(spec),
         )
     finally:
         if pool is not None:

@@ -3,9 +3,9 @@
 It trains `gen_core.vae.VAE` on the frames of an episode store: random frames drawn across
 episodes through a bounded shuffle buffer, decoded by a background thread so the model never
 waits for data, with whole episodes held out for evaluation (`worldmodels.episodes`: the same
-rule M uses). After every epoch it writes a checkpoint (model, optimiser, RNG, epoch) to
-`<run>/vae/checkpoints`, a PNG of held-out frames above their reconstructions and a PNG of samples
-from the prior; run it again to resume. `wm encode` then turns every episode into latents.
+rule M uses). After every epoch it writes a checkpoint (model, model.yaml, optimiser, RNG, epoch)
+to `<run>/vae/checkpoints`, a PNG of held-out frames above their reconstructions and a PNG of
+samples from the prior; run it again to resume. `wm encode` then turns every episode into latents.
 
 Speed on 2 CPU cores (AMD Zen 4 with AVX512-BF16; benchmarks/vae_train.py), batch 100. A plain
 eager version of the same network (nn.Sequential, fp32, NCHW, default Adam) costs 3.9 ms of CPU
@@ -48,6 +48,7 @@ from gen_core.checkpoint import (
     check_compatible,
     latest_checkpoint,
     load_checkpoint,
+    model_spec,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -293,7 +294,9 @@ def main(cfg: TrainVAEConfig) -> int:
     start_epoch = 0
     if latest_checkpoint(ckpt_dir) is not None:
         ckpt = load_checkpoint(ckpt_dir, map_location=device)
-        check_compatible(ckpt.state["vae_config"], to_dict(vcfg), SHAPE_KEYS, ckpt.path)
+        if ckpt.model_spec is None or ckpt.model_spec.get("class") != "VAE":
+            raise UserError(f"{ckpt.path}: not a VAE checkpoint (no model.yaml naming a VAE)")
+        check_compatible(ckpt.model_spec["config"], to_dict(vcfg), SHAPE_KEYS, ckpt.path)
         model.load_state_dict(ckpt.model)
         optimizer.load_state_dict(ckpt.state["optimizer"])
         for group in optimizer.param_groups:  # a changed lr applies to the resumed run
@@ -376,12 +379,17 @@ def main(cfg: TrainVAEConfig) -> int:
             "optimizer": optimizer.state_dict(),
             "rng": rng_state(),
             "epoch": epoch + 1,
-            "vae_config": to_dict(vcfg),
             "heldout_episodes": heldout_eps,
             "heldout_mse": held["mse"],
         }
         save_checkpoint(
-            ckpt_dir, epoch + 1, model.state_dict(), state, to_dict(cfg), keep=cfg.keep_checkpoints
+            ckpt_dir,
+            epoch + 1,
+            model.state_dict(),
+            state,
+            to_dict(cfg),
+            keep=cfg.keep_checkpoints,
+            model_spec=model_spec(model),
         )
     run.close()
     return 0

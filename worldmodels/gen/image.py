@@ -35,7 +35,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,8 @@ from gen_core.checkpoint import (
     check_compatible,
     latest_checkpoint,
     load_checkpoint,
+    load_model,
+    model_spec,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -354,17 +356,24 @@ def grid_png(images: torch.Tensor, gap: int = 1) -> bytes:
 # models
 
 
-def build_model(kind: str, model_config: dict[str, Any]) -> nn.Module:
-    """A fresh model of `kind` from its config dict (as saved in a checkpoint's state)."""
-    if kind == "vae":
-        return VAE(VAEConfig(**model_config))
-    if kind in ("dcgan", "wgan-gp"):
-        return GAN(GANConfig(**model_config))
-    return Diffusion(DiffusionConfig(**model_config))
+ModelConfig = VAEConfig | GANConfig | DiffusionConfig
 
 
-def model_config(cfg: TrainImageConfig) -> dict[str, Any]:
-    """The model's config (as a plain dict) from the run's settings."""
+def new_model(model_config: ModelConfig) -> nn.Module:
+    """A freshly initialised model from its config (`model_config(cfg)`)."""
+    cls = {VAEConfig: VAE, GANConfig: GAN, DiffusionConfig: Diffusion}[type(model_config)]
+    return cls(model_config)
+
+
+def image_kind(spec: dict[str, Any]) -> str:
+    """The kind of model (vae, dcgan, wgan-gp, ddpm) a checkpoint's model.yaml describes."""
+    if spec["class"] == "GAN":
+        return spec["config"].get("loss", "dcgan")
+    return {"VAE": "vae", "Diffusion": "ddpm"}[spec["class"]]
+
+
+def model_config(cfg: TrainImageConfig) -> ModelConfig:
+    """The model's config dataclass from the run's settings."""
     w = cfg.width or DEFAULT_WIDTH[cfg.model]
     z = cfg.z_dim or DEFAULT_Z_DIM.get(cfg.model, 0)
     s = cfg.image_size
@@ -387,7 +396,7 @@ def model_config(cfg: TrainImageConfig) -> dict[str, Any]:
             )  # fmt: skip
     except ValueError as err:
         raise UserError(f"{cfg.model} at image_size={s}: {err}") from None
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(mc).items()}
+    return mc
 
 
 def make_optimizers(kind: str, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
@@ -501,7 +510,7 @@ TRAIN_STEP = {"vae": vae_step, "dcgan": gan_step, "wgan-gp": gan_step, "ddpm": d
 def main(cfg: TrainImageConfig) -> dict[str, Any]:
     """Train (or resume) and return a summary: step, last losses, images/s, checkpoint."""
     data = ImageData(cfg.data, cfg.image_size, cfg.held_out)  # data errors before a run folder
-    mcfg = model_config(cfg)
+    mcfg = model_config(cfg)  # setting errors before a run folder
     run = start_run(cfg, cfg.stage)
     try:
         return _train(cfg, run, data, mcfg)
@@ -509,14 +518,14 @@ def main(cfg: TrainImageConfig) -> dict[str, Any]:
         run.close()
 
 
-def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: dict[str, Any]) -> dict[str, Any]:
+def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: ModelConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     ckpt_dir = run.dir / "checkpoints"
     latest = latest_checkpoint(ckpt_dir)
     ckpt = load_checkpoint(latest, map_location=device) if latest is not None else None
 
     # build
-    model = build_model(cfg.model, mcfg).to(device)
+    model = new_model(mcfg).to(device)
     model = model.to(memory_format=torch.channels_last)  # the fastest conv layout on CPU
     opts = make_optimizers(cfg.model, model, cfg.lr)
     step, figures, restarts = 0, {}, 0
@@ -546,12 +555,12 @@ def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: dict[str, Any]) ->
         state = {
             "optimizers": {k: o.state_dict() for k, o in opts.items()},
             "rng": rng_state(),
-            "model": cfg.model,
-            "model_config": mcfg,
             "figures": figures,
             "restarts": restarts,
         }
-        save_checkpoint(ckpt_dir, step, model.state_dict(), state, to_dict(cfg))
+        save_checkpoint(
+            ckpt_dir, step, model.state_dict(), state, to_dict(cfg), model_spec=model_spec(model)
+        )
 
     def write_grid(step: int) -> Path:
         gen = torch.Generator(device).manual_seed(grid_noise_seed)
@@ -631,13 +640,11 @@ def load_image_model(path: str | Path, device) -> tuple[str, nn.Module, Any]:
     """(kind, model in eval mode, checkpoint) of a train-image checkpoint."""
     if not str(path):
         raise UserError("checkpoint: expected a train-image checkpoint (set checkpoint=PATH)")
-    ckpt = load_checkpoint(path, map_location=device)
-    kind = ckpt.state.get("model")
-    if kind not in MODELS or "model_config" not in ckpt.state:
-        raise UserError(f"{ckpt.path}: not a train-image checkpoint (no model/model_config)")
-    model = build_model(kind, ckpt.state["model_config"]).to(device)
-    model.load_state_dict(ckpt.model)
-    return kind, model.eval(), ckpt
+    model, ckpt = load_model(path, map_location=device, kinds=("VAE", "GAN", "Diffusion"))
+    kind = image_kind(ckpt.model_spec)
+    if ckpt.config.get("model") != kind:  # e.g. V of `wm train-vae`, not trained by train-image
+        raise UserError(f"{ckpt.path}: not a train-image checkpoint (a {kind} of another stage)")
+    return kind, model, ckpt
 
 
 def stage_dir(ckpt_path: Path) -> Path:
@@ -692,14 +699,10 @@ def load_or_train_features(
         batches = (images_to_float(b.to(device)) for b in data.batches(batch_size, seed=0))
         spread = images_to_float(data.load("train", limit=5000, seed=0))
         net, mse = train_feature_net(batches, fcfg, spread, steps=steps, seed=0, device=device)
-        state = {"feature_config": {**asdict(fcfg), "widths": list(fcfg.widths)}, "mse": mse}
         info = {"data": str(data.path), "image_size": data.image_size, "steps": steps}
-        found = save_checkpoint(path, steps, net.state_dict(), state, info)
-    ckpt = load_checkpoint(found, map_location=device)
-    if "feature_config" not in ckpt.state:
-        raise UserError(f"{ckpt.path}: not a feature-net checkpoint")
-    net = FeatureNet(FeatureConfig(**ckpt.state["feature_config"])).to(device)
-    net.load_state_dict(ckpt.model)
+        spec = model_spec(net)
+        found = save_checkpoint(path, steps, net.state_dict(), {"mse": mse}, info, model_spec=spec)
+    net, ckpt = load_model(found, map_location=device, kinds=("FeatureNet",))
     if net.config.image_size != data.image_size:
         raise UserError(
             f"{ckpt.path}: the feature net is for {net.config.image_size}x"

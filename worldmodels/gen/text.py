@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +25,8 @@ from gen_core.checkpoint import (
     check_compatible,
     latest_checkpoint,
     load_checkpoint,
+    load_model,
+    model_spec,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -297,10 +299,16 @@ def _train(cfg: TrainTextConfig, run, wall_start: float) -> dict[str, Any]:
                         "optimizer": optimizer.state_dict(),
                         "rng": rng_state(),
                         "tokenizer": tokenizer.to_dict(),
-                        "model_config": asdict(mcfg),
                         "losses": losses,
                     }
-                    save_checkpoint(ckpt_dir, step, model.state_dict(), state, to_dict(cfg))
+                    save_checkpoint(
+                        ckpt_dir,
+                        step,
+                        model.state_dict(),
+                        state,
+                        to_dict(cfg),
+                        model_spec=model_spec(model),
+                    )
                     t0 = time.perf_counter()
     finally:
         bar.close()
@@ -324,12 +332,9 @@ def _train(cfg: TrainTextConfig, run, wall_start: float) -> dict[str, Any]:
 
 def load_text_model(path: str | Path, device) -> tuple[Transformer, Tokenizer, Any]:
     """The model and tokeniser of a train-text checkpoint, ready for sampling."""
-    ckpt = load_checkpoint(path, map_location=device)
-    if "model_config" not in ckpt.state or "tokenizer" not in ckpt.state:
-        raise UserError(f"{ckpt.path}: not a train-text checkpoint (no model_config/tokenizer)")
-    model = Transformer(TransformerConfig(**ckpt.state["model_config"])).to(device)
-    model.load_state_dict(ckpt.model)
-    model.eval()
+    model, ckpt = load_model(path, map_location=device, kinds=("Transformer",))
+    if "tokenizer" not in ckpt.state:
+        raise UserError(f"{ckpt.path}: not a train-text checkpoint (no tokenizer)")
     return model, tokenizer_from_dict(ckpt.state["tokenizer"]), ckpt
 
 
