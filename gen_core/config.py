@@ -16,6 +16,7 @@ YAML file -> overrides -> type/bounds check -> dataclass instance; every mistake
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -319,22 +320,46 @@ def load_config(
     overrides: list[str] | None = None,
     section: str | None = None,
     other_sections: tuple[str, ...] = (),
+    ignored: tuple[str, ...] = (),
 ) -> T:
     """Load `cls` from an optional YAML file plus `key=value` overrides, validated.
 
     If `section` is given and the YAML file has a mapping under that key, the settings are read
     from there, with the file's top-level scalars (seed, run_name, ...) as shared defaults. This
     lets one pipeline file hold every stage's settings; the sections named in `other_sections`
-    belong to other stages and are skipped.
+    belong to other stages and are skipped, and so are the top-level keys in `ignored` (a
+    pipeline file's shared sections and the pipeline's own settings) unless `cls` has them. Any
+    other top-level key is refused, naming the file: a misspelt section or setting (`vea:`,
+    `seeed: 5`) is an error, not silently ignored.
     """
     data: dict[str, Any] = {}
     if path is not None:
         data = read_yaml(path)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        skipped = (set(other_sections) | set(ignored)) - {section}
         if section is not None:
             if section not in data and any(isinstance(data.get(o), dict) for o in other_sections):
                 data = {**data, section: {}}  # a pipeline file without this stage's section
+        sectioned = section is not None and isinstance(data.get(section), dict)
+        allowed = names | skipped | ({section} if sectioned else set())
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                raise ConfigError(
+                    f"{path}: {key}: unknown top-level key (not a setting of this command"
+                    + (", a stage's section or a pipeline setting" if skipped else "")
+                    + ")"
+                    + (f"; did you mean {close[0]}?" if close else "")
+                )
+        if sectioned:
             data = _select_section(cls, data, section)
-        data = {k: v for k, v in data.items() if k not in other_sections or k == section}
+        else:  # a flat file: this command's settings, perhaps beside other stages' sections
+            data = {
+                k: v
+                for k, v in data.items()
+                if k not in skipped
+                or (k in names and not (k in other_sections and type(v) is dict))
+            }
     data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
 
@@ -343,8 +368,6 @@ def _select_section(cls: type, data: dict[str, Any], section: str) -> dict[str, 
     """Settings for one stage from a file that may hold several stages' sections."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(data.get(section), dict):
-        return data
     # Shared: top-level scalars (seed, run_name) and top-level sections that are one of this
     # stage's nested configs (the `dream` settings every dreaming stage reads); the stage's own
     # section overrides both.

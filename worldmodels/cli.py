@@ -13,7 +13,15 @@ import os
 import sys
 
 from gen_core.errors import UserError
-from worldmodels.stages import GEN_STAGES, SECTIONS, STAGES, WHOLE_FILE, Stage
+from worldmodels.stages import (
+    GEN_STAGES,
+    PIPELINE_SETTINGS,
+    SECTIONS,
+    SHARED_SECTIONS,
+    STAGES,
+    WHOLE_FILE,
+    Stage,
+)
 
 
 def _settings_epilog(stage: Stage) -> str:
@@ -54,7 +62,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for stage in STAGES:
         _add_command(sub, stage, argv)
-    gen = sub.add_parser("gen", help="image and text generation from the core models")
+    gen = sub.add_parser(
+        "gen",
+        help="image and text generation from the core models",
+        description="image and text generation from the core models",
+        epilog="Run 'wm gen GEN_COMMAND --help' for a command's settings.",
+    )
+    gen.set_defaults(help_parser=gen)  # `wm gen` alone prints gen's help, not wm's
     gen_sub = gen.add_subparsers(title="gen commands", metavar="GEN_COMMAND")
     for stage in GEN_STAGES:
         _add_command(gen_sub, stage, argv)
@@ -69,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
         if not hasattr(args, "stage"):
-            parser.print_help()
+            getattr(args, "help_parser", parser).print_help()
             return 2
         stage: Stage = args.stage
         prog = f"wm {stage.name}"
         from gen_core.config import load_config
+        from gen_core.runs import end_runs
 
         cls, func = stage.load()
         whole_file = stage.section == WHOLE_FILE
@@ -84,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides,
             section=None if whole_file else stage.section,
             other_sections=others,
+            ignored=() if whole_file else SHARED_SECTIONS + PIPELINE_SETTINGS,
         )
-        result = func(cfg)
+        try:
+            result = func(cfg)
+        except BaseException:
+            end_runs(failed=True)  # unlock; a refused resume keeps the folder's config.yaml
+            raise
+        end_runs()
         return result if isinstance(result, int) else 0
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

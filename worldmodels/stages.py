@@ -154,6 +154,11 @@ GEN_STAGES: tuple[Stage, ...] = (
 # dream-video) unless that stage's own section overrides them.
 SHARED_SECTIONS: tuple[str, ...] = ("dream",)
 
+# The pipeline's own top-level settings (worldmodels.pipeline.PipelineConfig's fields besides
+# the shared run settings and the sections): a single-stage command reading a pipeline file
+# skips them, and refuses any top-level key that is none of these, a section or its own setting.
+PIPELINE_SETTINGS: tuple[str, ...] = ("iterations", "baselines")
+
 # The sections of a pipeline file that belong to one stage each, in the table's order.
 SECTIONS: tuple[str, ...] = tuple(
     s.section for s in STAGES if s.section is not None and s.section != WHOLE_FILE
