@@ -203,10 +203,14 @@ class ConstantPolicy:
     def __init__(self, action_space: spaces.Box, action: list[float] | None = None):
         if action is None:
             raise UserError("policy_params.action: the constant policy needs an action list")
-        a = np.asarray(action, dtype=np.float32)
-        if a.shape != action_space.shape:
+        try:
+            a = np.asarray(action, dtype=np.float32)
+        except (TypeError, ValueError):
+            a = None
+        if a is None or a.shape != action_space.shape:
             raise UserError(
-                f"policy_params.action: expected {action_space.shape[0]} numbers, got {list(a)}"
+                f"policy_params.action: expected a list of {action_space.shape[0]} numbers, "
+                f"got {action!r}"
             )
         if np.any(a < action_space.low) or np.any(a > action_space.high):
             raise UserError(
@@ -238,5 +242,5 @@ def make_policy(name: str, action_space: spaces.Space, **params: Any) -> Policy:
         raise UserError(f"policy: unknown policy {name!r}; expected one of {', '.join(POLICIES)}")
     try:
         return POLICIES[name](action_space, **params)
-    except TypeError as err:
-        raise UserError(f"policy_params: {err}") from None
+    except (TypeError, ValueError) as err:  # a missing or unknown argument, or a mistyped one
+        raise UserError(f"policy_params: {err} (policy {name})") from None

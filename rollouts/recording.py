@@ -11,6 +11,7 @@ on a Ray cluster (`ray_address`).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +28,10 @@ from rollouts.parallel import ActorPool
 from rollouts.policies import Policy, make_policy
 from rollouts.store import EpisodeStore, StoreInfo, encode_episode
 
+# Larger frames are no use to a VAE here and fill the memory: an episode of 1,000 frames of
+# 1024x1024 is 3 GB before compression.
+MAX_FRAME_SIZE = 1024
+
 
 @dataclass
 class RecordingConfig(RunConfig):
@@ -40,11 +45,13 @@ class RecordingConfig(RunConfig):
     )
     episodes: int = setting(16, "number of episodes in the store", min=1)
     max_steps: int = setting(1000, "steps per episode at most (time limit)", min=1)
-    policy: str = setting("correlated", "policy: uniform, correlated or constant")
+    policy: str = setting("correlated", "policy: uniform, correlated, explore or constant")
     policy_params: dict[str, Any] = setting(
         {}, "policy keyword arguments, e.g. {hold_mean: 10} or {action: [0, 1, 0]}"
     )
-    frame_size: int = setting(64, "stored frames are resized to frame_size x frame_size", min=8)
+    frame_size: int = setting(
+        64, "stored frames are resized to frame_size x frame_size", min=8, max=MAX_FRAME_SIZE
+    )
     crop_bottom: int = setting(
         0,
         "rows cut from the bottom of the env frame before resizing (12 drops CarRacing's bar)",
@@ -151,6 +158,18 @@ class EpisodeWorker:
         return index, encode_episode(ep), len(ep["actions"]), float(ep["rewards"].sum())
 
 
+def collect_recipe(cfg: RecordingConfig) -> dict[str, Any]:
+    """What fixes the episodes of `wm collect` besides the store's frame settings: kept in
+    store.json, so that collecting more into the store with other settings is refused."""
+    recipe = {
+        "seed": cfg.seed,
+        "policy": cfg.policy,
+        "policy_params": cfg.policy_params,
+        "max_steps": cfg.max_steps,
+    }
+    return json.loads(json.dumps(recipe))  # as store.json will read it back
+
+
 def _store_info(cfg: RecordingConfig, policy_factory: PolicyFactory | None = None) -> StoreInfo:
     env = make_env(cfg.env_id, cfg.max_steps)
     try:
@@ -162,6 +181,7 @@ def _store_info(cfg: RecordingConfig, policy_factory: PolicyFactory | None = Non
             action_dim=int(np.prod(env.action_space.shape)),
             raw=cfg.keep_raw,
             crop_bottom=cfg.crop_bottom,
+            recipe=None if policy_factory is not None else collect_recipe(cfg),
         )
     finally:
         env.close()

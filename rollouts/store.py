@@ -71,6 +71,60 @@ def encode_episode(arrays: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+# What store.json fixes about each array of an episode: its dtype (exact, or a kind) and shape,
+# None for a free size (T); "frames" and "action" stand for the store's frame shape and action_dim.
+_LAYOUT: dict[str, tuple[str, tuple]] = {
+    "obs": ("uint8", (None, "frames")),
+    "raw_obs": ("uint8", (None, None, None, 3)),
+    "actions": ("float", (None, "action")),
+    "rewards": ("float", (None,)),
+    "terminated": ("bool", (None,)),
+    "truncated": ("bool", (None,)),
+    "seed": ("int", ()),
+    "length": ("int", ()),
+}
+_KINDS = {"float": "f", "int": "iu", "bool": "b", "uint8": None}
+
+
+def _layout_problems(
+    arrays: dict[str, tuple[tuple[int, ...], np.dtype]], frame_shape: list, action_dim: int
+) -> list[str]:
+    """What does not match the store's layout, given (shape, dtype) of some arrays."""
+    problems = []
+    for key, (shape, dtype) in arrays.items():
+        if key not in _LAYOUT:
+            continue
+        want_dtype, pattern = _LAYOUT[key]
+        want: list[int | None] = []
+        for w in pattern:
+            want += list(frame_shape) if w == "frames" else [action_dim] if w == "action" else [w]
+        kinds = _KINDS[want_dtype]
+        dtype_ok = dtype.kind in kinds if kinds else dtype == np.dtype(want_dtype)
+        shape_ok = len(shape) == len(want) and all(w in (None, n) for n, w in zip(shape, want))
+        if not (dtype_ok and shape_ok):
+            have = "x".join(map(str, shape)) or "scalar"
+            expected = "x".join("T" if w is None else str(w) for w in want) or "scalar"
+            problems.append(f"{key} is {dtype} {have}, the store holds {want_dtype} {expected}")
+    return problems
+
+
+def array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array of an `.npz` file, read from its headers alone (cheap)."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with zf.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            out[name.removesuffix(".npy")] = (shape, dtype)
+    return out
+
+
 def _check_consistent(data: dict[str, np.ndarray], where: str) -> None:
     t = len(data["actions"])
     problems = []
@@ -97,6 +151,9 @@ class StoreInfo:
     raw: bool = False
     crop_bottom: int = 0  # rows cut from the env frame before resizing
     extra: dict[str, Any] | None = None
+    # What `wm collect` made the episodes with (seed, policy, its params, max_steps): a later
+    # `wm collect` into the store must match it, or the store would mix two recipes.
+    recipe: dict[str, Any] | None = None
 
 
 class EpisodeFolder:
@@ -211,7 +268,10 @@ class EpisodeStore(EpisodeFolder):
 
     @classmethod
     def create(cls, path: str | Path, info: StoreInfo) -> EpisodeStore:
-        """Open `path` for writing; make it if new, else check it matches `info`."""
+        """Open `path` for writing; make it if new, else check it matches `info`.
+
+        A store whose store.json is gone but whose episode files remain gets it back only if
+        every file holds the frames and actions `info` asks for."""
         store = cls(path)
         meta = {
             "format": FORMAT,
@@ -222,20 +282,55 @@ class EpisodeStore(EpisodeFolder):
             "raw": info.raw,
             "crop_bottom": info.crop_bottom,
             **({"extra": info.extra} if info.extra else {}),
+            **({"recipe": info.recipe} if info.recipe else {}),
         }
-        if (store.path / "store.json").exists():
-            old = store.info()
-            for key in ("frame_shape", "env_id", "action_dim", "raw", "crop_bottom"):
-                if meta[key] != old.get(key, 0 if key == "crop_bottom" else None):
-                    raise UserError(
-                        f"{store.path}: existing store has {key}={old.get(key)!r}, this run asks "
-                        f"for {meta[key]!r}; use another store path or matching settings"
-                    )
-        else:
-            store.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(store.path / "store.json", json.dumps(meta, indent=2) + "\n")
-        store.episode_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if (store.path / "store.json").exists():
+                old = store.info()
+                for key in ("frame_shape", "env_id", "action_dim", "raw", "crop_bottom"):
+                    if meta[key] != old.get(key, 0 if key == "crop_bottom" else None):
+                        raise UserError(
+                            f"{store.path}: existing store has {key}={old.get(key)!r}, this run "
+                            f"asks for {meta[key]!r}; use another store path or matching settings"
+                        )
+                store._check_recipe(old.get("recipe"), info.recipe)
+            else:
+                store._check_orphans(meta)
+                store.path.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(store.path / "store.json", json.dumps(meta, indent=2) + "\n")
+            store.episode_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(
+                f"store: cannot write the episode store {store.path} ({err.strerror or err}); "
+                "set store (or runs_dir) to a writable folder"
+            ) from None
         return store
+
+    def _check_recipe(self, old: dict | None, new: dict | None) -> None:
+        """Refuse to add episodes made another way to those on disk (`StoreInfo.recipe`)."""
+        if not old or not new or not self.indices():
+            return
+        for key, value in new.items():
+            if key in old and old[key] != value:
+                raise UserError(
+                    f"{self.path}: its episodes were collected with {key}={old[key]!r}, this run "
+                    f"asks for {value!r}; collect with the same settings, or into another store"
+                )
+
+    def _check_orphans(self, meta: dict[str, Any]) -> None:
+        """Episode files without a store.json: refuse unless they hold what `meta` describes."""
+        for i in self.indices():
+            path = self.episode_path(i)
+            try:
+                headers = array_headers(path)
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+                continue  # a corrupt file: wm check-data names it, wm collect leaves it
+            problems = _layout_problems(headers, meta["frame_shape"], meta["action_dim"])
+            if problems:
+                raise UserError(
+                    f"{self.path}: no store.json, and {path.name} does not match this run "
+                    f"({problems[0]}); move the old episodes away or use another store"
+                )
 
     def write_episode(self, index: int, payload: bytes | dict[str, Any]) -> Path:
         """Write episode `index` atomically (payload: `encode_episode` bytes or the arrays)."""
@@ -245,7 +340,30 @@ class EpisodeStore(EpisodeFolder):
 
     # ---------------------------------------------------------------- reading
 
+    _meta: dict[str, Any] | None = None
+
+    def _layout(self) -> tuple[list, int]:
+        """(frame shape, action size) that store.json promises, read once."""
+        if self._meta is None:
+            self._meta = self.info()
+        return self._meta["frame_shape"], self._meta["action_dim"]
+
     def _check(self, data, path, keys):
+        """Every array as store.json promises (dtype, frame shape, action size) and, when the
+        whole episode was read, every array there and their lengths consistent."""
+        frame_shape, action_dim = self._layout()
+        problems = _layout_problems(
+            {k: (v.shape, v.dtype) for k, v in data.items()}, frame_shape, action_dim
+        )
+        if keys is None:
+            missing = [k for k in EPISODE_KEYS if k not in data]
+            if missing:
+                problems.append(f"missing arrays {missing}")
+        if problems:
+            raise CorruptEpisodeError(
+                f"{path}: does not match its store ({'; '.join(problems)}); delete it "
+                "(wm check-data delete_bad=true) and run 'wm collect' again"
+            )
         if keys is None or set(EPISODE_KEYS) <= set(data):
             _check_consistent(data, str(path))
 
@@ -295,5 +413,6 @@ class EpisodeStore(EpisodeFolder):
             try:
                 self.load(i)
             except CorruptEpisodeError as err:
-                bad.append((self.episode_path(i), str(err)))
+                path = self.episode_path(i)
+                bad.append((path, str(err).removeprefix(f"{path}: ")))
         return bad
