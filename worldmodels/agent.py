@@ -113,9 +113,23 @@ def frame_settings(store_path: Path) -> FrameSettings:
     return FrameSettings(size=info["frame_shape"][0], crop_bottom=info.get("crop_bottom", 0))
 
 
+def check_frames(vae: VAE, store_path: Path, vae_path: Path) -> None:
+    """UserError (one line, naming both) unless V reads frames of the store's shape."""
+    info = EpisodeStore(store_path).info()
+    frames = tuple(info["frame_shape"])
+    size, channels = vae.config.image_size, vae.config.channels
+    if frames != (size, size, channels):
+        raise UserError(
+            f"{vae_path}: V reads {size}x{size}x{channels} frames but the store {store_path} "
+            f"holds {'x'.join(map(str, frames))}; use the store V was trained on (store=...) "
+            "or a V trained on this store (vae=...)"
+        )
+
+
 def load_agent_parts(vae_path: Path, m_path: Path, store_path: Path, observe_hidden: bool = True):
     """(V, M, controller spec, frame settings) from the run's checkpoints and store."""
     vae, _ = load_vae(vae_path)
+    check_frames(vae, store_path, vae_path)
     m, _ = load_m(m_path)
     if m.config.z_dim != vae.config.z_dim:
         raise UserError(

@@ -24,6 +24,7 @@ from gen_core.errors import UserError
 from gen_core.runs import RunConfig, progress, resolve_device, start_run
 from gen_core.vae import VAE, images_to_float
 from rollouts.store import EpisodeStore
+from worldmodels.agent import check_frames
 from worldmodels.episodes import prefetch
 from worldmodels.latents import LatentStore
 from worldmodels.layout import RunLayout
@@ -57,6 +58,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 @torch.no_grad()
 def encode_frames(model: VAE, obs: np.ndarray, batch_size: int, device) -> tuple[np.ndarray, ...]:
     """mu, logvar (N, z_dim) float32 of uint8 frames (N, H, W, 3), in float32 on `device`."""
@@ -82,6 +87,7 @@ def main(cfg: EncodeConfig) -> int:
     store.info()
     model, ckpt = vae_from_checkpoint(cfg.vae or layout.vae_checkpoints, map_location=device)
     model = model.to(memory_format=torch.channels_last)
+    check_frames(model, store.path, ckpt.path)
     vcfg = model.config
 
     # The latents belong to one checkpoint: keep them only if they were made by this very one.
@@ -97,6 +103,11 @@ def main(cfg: EncodeConfig) -> int:
         old = latents.info() if latents.exists() else {}
     except UserError:  # unreadable metadata: encode everything again
         old = {}
+    if old.get("store") and len(latents) and not _same_path(old["store"], store.path):
+        raise UserError(
+            f"{latents.path}: holds the latents of the store {old['store']}, this run encodes "
+            f"{store.path}; set out= to another folder, or encode that store"
+        )
     same = bool(old) and all(old.get(k) == v for k, v in identity.items() if k != "vae_checkpoint")
     if not same:
         if latents.exists() and len(latents):
