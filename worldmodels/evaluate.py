@@ -32,7 +32,8 @@ class EvaluateConfig(RunConfig):
     """Settings of `wm evaluate`."""
 
     policy: str = setting(
-        "controller", "controller (the trained C), or a baseline: uniform, correlated, constant"
+        "controller",
+        "controller (the trained C), or a baseline: uniform, correlated, explore, constant",
     )
     policy_params: dict[str, Any] = setting(
         {}, "baseline policy arguments, e.g. {action: [0, 1, 0]}"
