@@ -300,8 +300,10 @@ class EpisodeStore(EpisodeFolder):
                 atomic_write_text(store.path / "store.json", json.dumps(meta, indent=2) + "\n")
             store.episode_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
+            why = "not a folder" if store.path.exists() and not store.path.is_dir() else err
             raise UserError(
-                f"store: cannot write the episode store {store.path} ({err.strerror or err}); "
+                f"store: cannot write the episode store {store.path} "
+                f"({getattr(why, 'strerror', None) or why}); "
                 "set store (or runs_dir) to a writable folder"
             ) from None
         return store
