@@ -181,3 +181,54 @@ def scatter_chart(
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
         d.text((cx + 6, cy - 6), name, fill=colour, font=font)
     return _label_and_save(img, path, title, xlabel, ylabel, left, ylabel_y=24)
+
+
+def histogram_chart(
+    path: str | Path,
+    values: Sequence[float],
+    bins: int = 20,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "count",
+    size: tuple[int, int] = (640, 400),
+) -> Path:
+    """Write a PNG histogram of `values` in `bins` equal bins; returns the path."""
+    W, H = size
+    left, right, top, bottom = 70, 20, 34, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        d.text((left, H // 2), "no data", fill="black", font=font)
+        return _label_and_save(img, path, title, xlabel, ylabel, left, ylabel_y=18)
+    lo, hi = min(vals), max(vals)
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    width = (hi - lo) / bins
+    counts = [0] * bins
+    for v in vals:
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    top_count = max(counts)
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (x - lo) / (hi - lo) * (W - left - right),
+            H - bottom - y / top_count * (H - top - bottom),
+        )
+
+    for t in _nice_ticks(0, top_count):
+        _, yy = px(lo, t)
+        d.line([(left, yy), (W - right, yy)], fill=(230, 230, 230))
+        d.text((4, yy - 6), _fmt(t), fill="black", font=font)
+    for t in _nice_ticks(lo, hi):
+        xx, _ = px(t, 0)
+        d.line([(xx, H - bottom), (xx, H - bottom + 4)], fill="black")
+        d.text((xx - 10, H - bottom + 6), _fmt(t), fill="black", font=font)
+    for i, c in enumerate(counts):
+        if c:
+            x_a, y_a = px(lo + i * width, c)
+            x_b, y_b = px(lo + (i + 1) * width, 0)
+            d.rectangle([x_a + 1, y_a, x_b - 1, y_b], fill=COLOURS[0])
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    return _label_and_save(img, path, title, xlabel, ylabel, left, ylabel_y=18)
