@@ -25,6 +25,15 @@ COLOURS = [
 ]
 
 
+MARGINS = (70, 20, 34, 50)  # left, right, top, bottom of a chart's plotting area, in pixels
+
+
+def _canvas(size: tuple[int, int]):
+    """A white picture, its drawing context and the default font."""
+    img = Image.new("RGB", size, "white")
+    return img, ImageDraw.Draw(img), ImageFont.load_default()
+
+
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     if hi <= lo:
         hi = lo + 1.0
@@ -77,11 +86,8 @@ def line_chart(
     size: tuple[int, int] = (640, 400),
 ) -> Path:
     """Write a PNG with one line per named (xs, ys) series; returns the path."""
-    W, H = size
-    left, right, top, bottom = 70, 20, 34, 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    img, d, font = _canvas(size)
+    (W, H), (left, right, top, bottom) = size, MARGINS
     points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
     if not points:
         d.text((left, H // 2), "no data", fill="black", font=font)
@@ -193,11 +199,8 @@ def histogram_chart(
     size: tuple[int, int] = (640, 400),
 ) -> Path:
     """Write a PNG histogram of `values` in `bins` equal bins; returns the path."""
-    W, H = size
-    left, right, top, bottom = 70, 20, 34, 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    img, d, font = _canvas(size)
+    (W, H), (left, right, top, bottom) = size, MARGINS
     vals = [v for v in values if math.isfinite(v)]
     if not vals:
         d.text((left, H // 2), "no data", fill="black", font=font)

@@ -20,7 +20,7 @@ from gen_core.vae import VAE, images_to_float, images_to_uint8
 from rollouts.recording import preprocess
 from rollouts.store import EpisodeStore
 from worldmodels.controller import BatchController, ControllerSpec, controller_obs
-from worldmodels.models import load_m, load_vae
+from worldmodels.models import check_controller_spec, load_controller, load_m, load_vae
 
 
 @dataclass
@@ -143,3 +143,12 @@ def load_agent_parts(vae_path: Path, m_path: Path, store_path: Path, observe_hid
         action_dim=stepper.action_dim,
     )
     return vae, m, spec, frame_settings(store_path)
+
+
+def load_driver(controller: Path, vae: Path, m: Path, store: Path, which: str = "auto"):
+    """A trained agent's parts and C's parameters: ((V, M, C's spec, frame settings), params),
+    with C checked to fit V and M (it reads that M's memory)."""
+    params, spec, _ = load_controller(controller, which)
+    v, m_, agent_spec, frames = load_agent_parts(vae, m, store, observe_hidden=spec.hidden > 0)
+    check_controller_spec(spec, agent_spec, controller)
+    return (v, m_, spec, frames), params

@@ -20,9 +20,8 @@ import numpy as np
 from gen_core.config import ConfigError, setting
 from rollouts.policies import ExplorePolicy
 from rollouts.recording import RecordingConfig, collect
-from worldmodels.agent import WorldModelAgent, load_agent_parts
+from worldmodels.agent import WorldModelAgent, load_driver
 from worldmodels.layout import CONTROLLER_FOLDER, M_FOLDER, RunLayout
-from worldmodels.models import check_controller_spec, load_controller
 
 
 @dataclass
@@ -96,16 +95,13 @@ class _AgentFactory:
 def main(cfg: CollectAgentConfig) -> int:
     layout = RunLayout.of(cfg)
     k = layout.last_round()  # C and the M it was evolved with belong to the same round
-    c_path = Path(cfg.controller or layout.controller_checkpoints(k))
-    params, spec, _ = load_controller(c_path, cfg.params)
-    vae, m, agent_spec, frames = load_agent_parts(
+    parts, params = load_driver(
+        Path(cfg.controller or layout.controller_checkpoints(k)),
         Path(cfg.vae or layout.vae_checkpoints),
         Path(cfg.m or layout.m_checkpoints(k)),
         cfg.store_path(),
-        observe_hidden=spec.hidden > 0,
+        cfg.params,
     )
-    check_controller_spec(spec, agent_spec, c_path)
-    parts = (vae, m, spec, frames)
     collect(
         cfg,
         _AgentFactory(parts, params, cfg.action_noise, cfg.explore),

@@ -20,9 +20,8 @@ from gen_core.io import atomic_write_text
 from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.parallel import ActorPool
 from rollouts.recording import make_env
-from worldmodels.agent import WorldModelAgent, load_agent_parts, play_episode
+from worldmodels.agent import WorldModelAgent, load_driver, play_episode
 from worldmodels.layout import CONTROLLER_FOLDER, M_FOLDER, RunLayout
-from worldmodels.models import check_controller_spec, load_controller
 from worldmodels.real_env import RealEnvWorker, eval_seeds
 from worldmodels.video import side_by_side, write_gif
 
@@ -67,16 +66,13 @@ def main(cfg: EvaluateConfig) -> int:
     parts, params = None, None
     if cfg.policy == "controller":
         k = layout.last_round()  # C and the M it was evolved with belong to the same round
-        c_path = Path(cfg.controller or layout.controller_checkpoints(k))
-        params, spec, _ = load_controller(c_path, cfg.params)
-        vae, m, agent_spec, frames = load_agent_parts(
+        parts, params = load_driver(
+            Path(cfg.controller or layout.controller_checkpoints(k)),
             Path(cfg.vae or layout.vae_checkpoints),
             Path(cfg.m or layout.m_checkpoints(k)),
             Path(cfg.store or layout.store),
-            observe_hidden=spec.hidden > 0,
+            cfg.params,
         )
-        check_controller_spec(spec, agent_spec, c_path)
-        parts = (vae, m, spec, frames)
     seeds = eval_seeds(cfg.seed, cfg.episodes)
     returns = np.zeros(cfg.episodes)
     pool = ActorPool(
