@@ -23,14 +23,8 @@ from gen_core.checkpoint import (
 )
 from gen_core.errors import UserError
 from worldmodels import evolve as evolve_module
-from worldmodels.evolve import (
-    ESSettings,
-    _make_es,
-    cma_state,
-    evolve,
-    load_search_history,
-    restore_cma_state,
-)
+from worldmodels.cma_state import cma_state, restore_cma_state, rng_from_tensors
+from worldmodels.evolve import ESSettings, _make_es, evolve, load_search_history
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = np.linspace(-1, 1, 6)
@@ -275,7 +269,7 @@ def test_a_run_checkpointed_with_its_curves_resumes(tmp_path):
     attributes = {k: plain_ints(v, ints) for k, v in ck.state["cma"]["attributes"].items()}
     state = ck.state | {
         "cma": {"buffers": ck.state["cma"]["buffers"], "attributes": attributes},
-        "rng": evolve_module._rng_state(ck.state["rng"]),
+        "rng": rng_from_tensors(ck.state["rng"]),
         "curves": first.history,
     }
     del state["step"]
