@@ -166,10 +166,22 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    try:  # oneDNN reports whether the CPU has bf16 instructions (AVX512-BF16, AMX)
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). oneDNN's own check
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) also says yes on plain AVX512, where bf16 is
+    emulated: on such a 2-core Xeon, V trained at 152 frames/s in bf16 against 440 in fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: trust oneDNN
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @torch.no_grad()
