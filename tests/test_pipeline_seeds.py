@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from PIL import Image
-
 from test_end_to_end import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
