@@ -84,7 +84,13 @@ def test_ring_stepper_equals_the_banded_full_pass(temperature):
     B, T = 3, 3 * W
     actions = torch.randn(B, T, A)
     state, z = s.initial_state(B), torch.randn(B, Z)
-    assert isinstance(state, RingState) and state.k.shape == (B, 2, 2, W, 8)
+    assert isinstance(state, RingState) and state.k.shape == (
+        B,
+        2,
+        2,
+        W,
+        8,
+    )  # (B, heads, layers, window, head size)
     assert torch.equal(s.features(state), torch.zeros(B, 16))
     g_step, g_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     inputs, steps = [], []
