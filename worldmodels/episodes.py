@@ -1,7 +1,7 @@
 """Episode helpers shared by the training stages: which episodes are held out, and reading
 episodes ahead in a background thread.
 
-V (wm train-vae) and M (wm train-mdnrnn) hold out the same episodes by the same rule, so M's
+V (wm train-vae) and M (wm train-m) hold out the same episodes by the same rule, so M's
 held-out scores are on episodes V never trained on either.
 """
 

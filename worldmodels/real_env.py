@@ -41,8 +41,7 @@ class RealEnvWorker:
         self.env = make_env(env_id, max_steps)
         self.max_steps = max_steps
         if parts is not None:
-            vae, mdnrnn, spec, frames = parts
-            self.policy = WorldModelAgent(vae, mdnrnn, spec, frames)
+            self.policy = WorldModelAgent(*parts)  # (V, M, C's spec, frame settings)
         else:
             self.policy = make_policy(policy, self.env.action_space, **(policy_params or {}))
 
