@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_vae import squares, toy_store
+from test_vae import squares, tiny_overrides, toy_store
 
 from gen_core.config import ConfigError, load_config
 from gen_core.errors import UserError
@@ -55,17 +55,7 @@ def trained(tmp_path_factory):
     """A run with a 16x16 store and a tiny V trained on it (one epoch)."""
     root = tmp_path_factory.mktemp("runs")
     toy_store(root / "toy" / "store", episodes=3, steps=20)
-    args = [
-        "train-vae",
-        f"runs_dir={root}",
-        "run_name=toy",
-        "z_dim=4",
-        "widths=[8, 16]",
-        "batch_size=16",
-        "progress=false",
-        "threads=1",
-        "epochs=1",
-    ]
+    args = ["train-vae", *tiny_overrides(root), "epochs=1"]
     assert wm(args) == 0
     return root, args
 
