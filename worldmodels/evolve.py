@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from gen_core.checkpoint import (
+    Checkpoint,
     check_compatible,
     latest_checkpoint,
     load_checkpoint,
@@ -335,12 +336,17 @@ def load_controller_params(path: Path, which: str = "auto") -> tuple[np.ndarray,
     evaluation ran, else mean).
     """
     ck = load_checkpoint(path)
+    return controller_params(ck, which), ck.config
+
+
+def controller_params(ck: Checkpoint, which: str = "auto") -> np.ndarray:
+    """`load_controller_params`'s parameters, from an evolve checkpoint already loaded."""
     if which == "auto":
         which = "scored" if "scored_params" in ck.model else "mean"
     key = f"{which}_params"
     if key not in ck.model:
         raise UserError(f"{ck.path}: no {which} parameters (no evaluation ran); use params=mean")
-    return ck.model[key].double().numpy(), ck.config
+    return ck.model[key].double().numpy()
 
 
 def load_search_history(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], dict]:

@@ -62,9 +62,9 @@ def load_controller(
     """C from an evolve checkpoint (step folder, checkpoints folder or stage folder): its flat
     parameters, its `ControllerSpec` (from model.yaml) and the config of the run that evolved it.
 
-    which: "scored", "mean", "best" or "auto", as `worldmodels.evolve.load_controller_params`.
+    which: "scored", "mean", "best" or "auto", as `worldmodels.evolve.controller_params`.
     """
-    from worldmodels.evolve import load_controller_params  # cma only where C is read
+    from worldmodels.evolve import controller_params  # cma only where C is read
 
     ck = load_checkpoint(path)
     found = (ck.model_spec or {}).get("class")
@@ -81,13 +81,13 @@ def load_controller(
             f"{ck.path}: model.yaml has {unknown[0]!r}, which ControllerSpec does not know"
         )
     spec = ControllerSpec(**config)
-    params, run_config = load_controller_params(ck.path, which)
+    params = controller_params(ck, which)  # the checkpoint is read once
     if params.shape != (spec.n_params,):
         raise UserError(
             f"{ck.path}: {params.shape[-1]} controller parameters, but its model.yaml describes "
             f"{spec.n_params}"
         )
-    return params, spec, run_config
+    return params, spec, ck.config
 
 
 def check_controller_spec(loaded: ControllerSpec, agent: ControllerSpec, path: str | Path) -> None:
