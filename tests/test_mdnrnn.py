@@ -358,3 +358,50 @@ def test_training_on_known_dynamics_lowers_heldout_nll():
         # The end head learns where episodes end (the LSTM counts the steps).
         p = torch.sigmoid(out.done_logit)
         assert p[:, -1].mean() > 0.5 and p[:, :10].mean() < 0.05, p.mean(0)
+
+
+# ------------------------------------------------------------------------------ dropout
+
+
+def test_dropout_training_pass_is_the_lstm_with_one_mask_per_sequence():
+    """At a vanishing rate the unrolled dropout pass is the fused LSTM; at a real rate the
+    training pass is random, eval mode is the fused LSTM, and the action is never dropped."""
+    torch.manual_seed(0)
+    m = small(dropout=1e-9).train()
+    z, a = torch.randn(3, 7, Z), torch.rand(3, 7, A)
+    fused = m.lstm(torch.cat([z, a], -1))[0]
+    torch.testing.assert_close(m._dropout_forward(torch.cat([z, a], -1), None), fused)
+    m.config.dropout = 0.5
+    one, two = m(z, a).mu, m(z, a).mu
+    assert not torch.equal(one, two)
+    m.eval()
+    torch.testing.assert_close(m(z, a).mu, m.heads(fused).mu)
+    # z all zero: with the action kept whole, some rows still differ from a zero input
+    m.train()
+    h = m._dropout_forward(torch.cat([torch.zeros(64, 1, Z), torch.ones(64, 1, A)], -1), None)
+    assert (h.abs().sum(-1) > 0).all()
+
+
+def test_vary_gives_each_row_its_own_mask_kept_through_steps():
+    torch.manual_seed(0)
+    s = small().stepper()
+    g = torch.Generator().manual_seed(0)
+    state = s.initial_state(200)
+    varied = s.vary(state, 0.3, g)
+    keep = varied.keep
+    assert keep.shape == (200, Z + A + H)
+    assert torch.equal(keep[:, Z : Z + A], torch.ones(200, A))  # the action is never dropped
+    torch.testing.assert_close(keep.unique(), torch.tensor([0.0, 1.0, 1 / 0.7]))
+    assert abs((keep == 0).float().mean().item() * (Z + A + H) / (Z + H) - 0.3) < 0.03
+    assert len({tuple(r.tolist()) for r in keep}) == 200  # a different M per row
+    z, a = torch.randn(200, Z), torch.rand(200, A)
+    out = s.step(varied, z, a, 0.0)
+    assert torch.equal(out.state.keep, keep)  # kept until the row is reset
+    assert torch.equal(out.state.take(torch.tensor([3])).keep, keep[3:4])
+    plain = s.step(state, z, a, 0.0)
+    assert not torch.allclose(out.state.h, plain.state.h)
+    # the mask multiplies [z, a, h] before the gates: a row whose mask is all ones is M itself
+    ones = type(varied)(state.h, state.c, torch.ones_like(keep))
+    torch.testing.assert_close(s.step(ones, z, a, 0.0).state.h, plain.state.h)
+    with pytest.raises(ValueError, match="rate"):
+        s.vary(state, 1.0)
