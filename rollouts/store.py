@@ -418,3 +418,17 @@ class EpisodeStore(EpisodeFolder):
                 path = self.episode_path(i)
                 bad.append((path, str(err).removeprefix(f"{path}: ")))
         return bad
+
+
+MINARI_PREFIX = "minari:"  # a store setting that names a Minari dataset instead of a folder
+
+
+def open_store(path: str | Path) -> EpisodeStore:
+    """The episode store a `store` setting names, for reading: a store folder, or
+    `minari:<dataset id or folder>` for a Minari dataset (rollouts/minari_store.py)."""
+    text = str(path)
+    if text.startswith(MINARI_PREFIX):
+        from rollouts.minari_store import MinariStore  # minari only where it is asked for
+
+        return MinariStore.open(text.removeprefix(MINARI_PREFIX))
+    return EpisodeStore(path)

@@ -482,3 +482,24 @@ def test_dream_dropout_gives_each_rollout_its_own_m():
     tz, tstate = starts(t).take(torch.zeros(2, dtype=torch.long))
     with pytest.raises(UserError, match="LSTM M only"):
         dream_rollouts(t, act, tz, tstate, 3, varied_cfg)
+
+
+def test_ended_dreams_report_their_episode_statistics(model):
+    """info["episode"] as gymnasium's RecordEpisodeStatistics writes it, from the env itself."""
+    s = model.stepper()
+    env = DreamVectorEnv(num_envs=2, **kwargs(s, max_steps=3, dream=NEVER_ENDS))
+    env.reset(seed=0)
+    total = np.zeros(2)
+    for t in range(3):
+        _, r, _, trunc, info = env.step(np.full((2, 3), 0.5, np.float32))
+        total += r
+        assert ("episode" in info) == (t == 2)
+    assert trunc.all() and info["_episode"].tolist() == [True, True]
+    np.testing.assert_allclose(info["episode"]["r"], total)
+    assert info["episode"]["l"].tolist() == [3, 3] and (info["episode"]["t"] >= 0).all()
+    single = DreamEnv(**kwargs(s, max_steps=2, dream=NEVER_ENDS))
+    single.reset(seed=0)
+    r0 = single.step(np.full(3, 0.5, np.float32))[1]
+    _, r1, _, _, info = single.step(np.full(3, 0.5, np.float32))
+    assert info["episode"]["l"] == 2 and isinstance(info["episode"]["r"], float)
+    assert info["episode"]["r"] == pytest.approx(r0 + r1)

@@ -33,13 +33,18 @@ class FrameSettings:
 
 @dataclass
 class WorldModelAgent:
-    """V + M + C acting in a real env; a callable `obs -> action` like any rollout policy."""
+    """V + M + C acting in a real env; a callable `obs -> action` like any rollout policy.
+
+    C is the linear controller of `params`, or `act`: any policy of what the dream env
+    (`worldmodels/Dream-v0`) observes, the float32 vector [z, h] (z alone if `spec.hidden` is 0)
+    -> action, e.g. an SB3 policy trained in the dream. Either way V and M run as for C."""
 
     vae: VAE
     m: torch.nn.Module  # M: anything with `stepper()` (the MDN-RNN, the Transformer M)
     spec: ControllerSpec
     frames: FrameSettings = field(default_factory=FrameSettings)
     params: np.ndarray | None = None
+    act: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.stepper = self.m.stepper()
@@ -67,7 +72,11 @@ class WorldModelAgent:
         (exploration noise), and M's state follows the action actually taken."""
         z = self._encode(obs)
         h = self.stepper.features(self.state)  # (1, features)
-        action = self.controller(controller_obs(z, h, self.spec)[None])[0]  # (1, A)
+        x = controller_obs(z, h, self.spec)  # (1, in_dim): the dream env's observation
+        if self.act is not None:
+            action = torch.as_tensor(np.asarray(self.act(x[0].numpy()), np.float32))[None]
+        else:
+            action = self.controller(x[None])[0]  # (1, A)
         if override is not None:
             action = torch.as_tensor(override(action[0].numpy()), dtype=torch.float32)[None]
         self.state = self.stepper.observe(self.state, z, action)

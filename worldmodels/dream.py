@@ -17,6 +17,7 @@ than reality and transfers better.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -173,7 +174,14 @@ def dream_returns(
 
 class DreamVectorEnv(VectorEnv):
     """M's dream as a gymnasium vector env; observations are [z, features] (C's input), or z
-    alone with `observe_hidden=False`."""
+    alone with `observe_hidden=False`.
+
+    What RL libraries look for is built in: `reset(seed=...)` fixes every draw (start states and
+    M's samples), sub-envs reset on the step after their end (gymnasium's next-step autoreset),
+    and the step that ends an episode reports its statistics in `info["episode"]` (`r` return,
+    `l` length, `t` seconds; `info["_episode"]` marks the sub-envs that ended), as gymnasium's
+    RecordEpisodeStatistics and SB3's Monitor do.
+    """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"]}
 
@@ -217,6 +225,8 @@ class DreamVectorEnv(VectorEnv):
         self.state = begin_dream(model, state, self.dream, self._generator)  # rows' own M
         self.t = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
+        self._return = np.zeros(num_envs)  # this episode's dream reward so far
+        self._began = np.full(num_envs, time.perf_counter())  # when this episode started
 
     def _obs(self) -> np.ndarray:
         parts = [self.z, self.model.features(self.state)] if self.observe_hidden else [self.z]
@@ -234,6 +244,8 @@ class DreamVectorEnv(VectorEnv):
         self.state.put(where, state)
         self.t[idx] = 0
         self._needs_reset[idx] = False
+        self._return[idx] = 0.0
+        self._began[idx] = time.perf_counter()
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -260,7 +272,17 @@ class DreamVectorEnv(VectorEnv):
         terminated[resetting] = False
         truncated[resetting] = False
         self._needs_reset = terminated | truncated
-        return self._obs(), reward, terminated, truncated, {}
+        self._return += reward
+        info = {}
+        if self._needs_reset.any():
+            ended = self._needs_reset
+            info["episode"] = {
+                "r": np.where(ended, self._return, 0.0),
+                "l": np.where(ended, self.t, 0),
+                "t": np.where(ended, np.round(time.perf_counter() - self._began, 6), 0.0),
+            }
+            info["_episode"] = ended.copy()
+        return self._obs(), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
         """Frames decoded from the current z with V: (num_envs, H, W, 3) uint8."""
@@ -275,7 +297,8 @@ class DreamVectorEnv(VectorEnv):
 
 
 class DreamEnv(gym.Env):
-    """One dream as a plain `gymnasium.Env` (for single-env RL code and `check_env`)."""
+    """One dream as a plain `gymnasium.Env`: what single-env RL code takes (SB3 through
+    `make_vec_env`, `check_env`); after an end, call `reset()` as gymnasium asks."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
@@ -294,6 +317,8 @@ class DreamEnv(gym.Env):
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict]:
         obs, reward, terminated, truncated, info = self._vec.step(np.asarray(action)[None])
+        if "episode" in info:  # one env: the statistics as scalars
+            info = {"episode": {k: v[0].item() for k, v in info["episode"].items()}}
         return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
 
     def render(self) -> np.ndarray | None:

@@ -25,6 +25,16 @@ def eval_seeds(seed: int, episodes: int) -> list[int]:
     return [EVAL_SEED_BASE + seed * 10_000 + i for i in range(episodes)]
 
 
+def real_returns(policy, env_id: str, seeds: list[int], max_steps: int) -> np.ndarray:
+    """Returns of `policy` (an agent or any `obs -> action`) on the tracks `seeds`, one after
+    another in this process (`wm evaluate` spreads them over Ray workers)."""
+    env = make_env(env_id, max_steps)
+    try:
+        return np.array([play_episode(env, policy, s, max_steps)[0] for s in seeds])
+    finally:
+        env.close()
+
+
 class RealEnvWorker:
     """A Ray actor holding one env and a policy: V + M + C when `parts` is given (its
     parameters arrive with each episode), else a built-in rollout policy by name."""
