@@ -424,10 +424,14 @@ MINARI_PREFIX = "minari:"  # a store setting that names a Minari dataset instead
 
 
 def open_store(path: str | Path) -> EpisodeStore:
-    """The episode store a `store` setting names, for reading: a store folder, or
-    `minari:<dataset id or folder>` for a Minari dataset (rollouts/minari_store.py)."""
+    """The episode store a `store` setting names, for reading: a store folder, or a Minari
+    dataset (rollouts/minari_store.py) as `minari:<dataset id or folder>` or its folder."""
     text = str(path)
-    if text.startswith(MINARI_PREFIX):
+    folder = Path(path)
+    minari_folder = not (folder / "store.json").exists() and any(
+        (f / "metadata.json").is_file() for f in (folder, folder / "data")
+    )
+    if text.startswith(MINARI_PREFIX) or minari_folder:
         from rollouts.minari_store import MinariStore  # minari only where it is asked for
 
         return MinariStore.open(text.removeprefix(MINARI_PREFIX))

@@ -18,7 +18,7 @@ import torch
 from gen_core.errors import UserError
 from gen_core.vae import VAE, images_to_float, images_to_uint8
 from rollouts.recording import preprocess
-from rollouts.store import EpisodeStore
+from rollouts.store import open_store
 from worldmodels.controller import BatchController, ControllerSpec, controller_obs
 from worldmodels.models import check_controller_spec, load_controller, load_m, load_vae
 
@@ -118,13 +118,13 @@ def play_episode(env, policy, seed: int, max_steps: int, record: bool = False):
 
 def frame_settings(store_path: Path) -> FrameSettings:
     """How the store's frames were made from the env's (what V reads)."""
-    info = EpisodeStore(store_path).info()
+    info = open_store(store_path).info()
     return FrameSettings(size=info["frame_shape"][0], crop_bottom=info.get("crop_bottom", 0))
 
 
 def check_frames(vae: VAE, store_path: Path, vae_path: Path) -> None:
     """UserError (one line, naming both) unless V reads frames of the store's shape."""
-    info = EpisodeStore(store_path).info()
+    info = open_store(store_path).info()
     frames = tuple(info["frame_shape"])
     size, channels = vae.config.image_size, vae.config.channels
     if frames != (size, size, channels):

@@ -23,7 +23,7 @@ from gen_core.config import setting
 from gen_core.errors import UserError
 from gen_core.runs import RunConfig, progress, resolve_device, start_run
 from gen_core.vae import VAE, images_to_float
-from rollouts.store import EpisodeStore
+from rollouts.store import open_store
 from worldmodels.agent import check_frames
 from worldmodels.episodes import prefetch
 from worldmodels.latents import LatentStore
@@ -35,7 +35,9 @@ from worldmodels.models import vae_from_checkpoint
 class EncodeConfig(RunConfig):
     """Settings of `wm encode`."""
 
-    store: str = setting("", "episode store to encode (default: <runs_dir>/<run_name>/store)")
+    store: str = setting(
+        "", "episode store to encode, or minari:<dataset id> (default: <run_dir>/store)"
+    )
     vae: str = setting(
         "", "VAE checkpoint: a step folder or a checkpoints folder (default: the run's latest)"
     )
@@ -83,7 +85,7 @@ def main(cfg: EncodeConfig) -> int:
     layout = RunLayout.of(cfg)
     run = start_run(cfg, "encode", folder=layout.encode.name)
     device = resolve_device(cfg.device)
-    store = EpisodeStore(cfg.store or layout.store)
+    store = open_store(cfg.store or layout.store)
     store.info()
     model, ckpt = vae_from_checkpoint(cfg.vae or layout.vae_checkpoints, map_location=device)
     model = model.to(memory_format=torch.channels_last)

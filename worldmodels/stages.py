@@ -55,6 +55,12 @@ STAGES: tuple[Stage, ...] = (
         "verify every episode of a rollout store; list bad ones",
     ),
     Stage(
+        "export-minari",
+        "rollouts.export_minari",
+        "ExportMinariConfig",
+        "write an episode store as a local Minari dataset (read back with store=minari:<id>)",
+    ),
+    Stage(
         "train-vae",
         "worldmodels.train_vae",
         "TrainVAEConfig",

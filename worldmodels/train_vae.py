@@ -58,7 +58,7 @@ from gen_core.errors import UserError
 from gen_core.io import atomic_write_bytes
 from gen_core.runs import RunConfig, progress, resolve_device, start_run
 from gen_core.vae import VAE, VAEConfig, images_to_float, images_to_uint8
-from rollouts.store import EpisodeStore
+from rollouts.store import EpisodeStore, open_store
 from worldmodels.episodes import prefetch, split_episodes
 from worldmodels.layout import RunLayout
 
@@ -70,7 +70,9 @@ SHAPE_KEYS = ["image_size", "channels", "z_dim", "widths"]
 class TrainVAEConfig(RunConfig):
     """Settings of `wm train-vae`."""
 
-    store: str = setting("", "episode store to train on (default: <runs_dir>/<run_name>/store)")
+    store: str = setting(
+        "", "episode store to train on, or minari:<dataset id> (default: <run_dir>/store)"
+    )
     epochs: int = setting(10, "passes over the training frames, counting resumed ones", min=1)
     batch_size: int = setting(100, "frames per optimiser step", min=1)
     lr: float = setting(1e-3, "Adam learning rate", min=0.0, min_inclusive=False)
@@ -293,7 +295,7 @@ def main(cfg: TrainVAEConfig) -> int:
     layout = RunLayout.of(cfg)
     run = start_run(cfg, "vae", folder=layout.vae.name)
     device = resolve_device(cfg.device)
-    store = EpisodeStore(cfg.store or layout.store)
+    store = open_store(cfg.store or layout.store)
     meta = store.info()
     train_eps, heldout_eps = split_episodes(store.indices(), cfg.heldout_fraction, cfg.seed)
     vcfg = vae_config(cfg, meta["frame_shape"])
