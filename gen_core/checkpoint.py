@@ -57,6 +57,7 @@ MODELS = {
     "Transformer": "gen_core.transformer:Transformer:TransformerConfig",
     "GAN": "gen_core.gan:GAN:GANConfig",
     "Diffusion": "gen_core.diffusion:Diffusion:DiffusionConfig",
+    "LatentDiffusion": "gen_core.latent_diffusion:LatentDiffusion:LatentDiffusionConfig",
     "FeatureNet": "gen_core.image_metrics:FeatureNet:FeatureConfig",
 }
 
