@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from gen_core.checkpoint import Checkpoint, load_checkpoint, load_model
+from gen_core.checkpoint import Checkpoint, build_model, load_checkpoint, load_model
 from gen_core.errors import UserError
 from gen_core.vae import VAE
 from worldmodels.controller import ControllerSpec
@@ -105,3 +106,33 @@ def check_controller_spec(loaded: ControllerSpec, agent: ControllerSpec, path: s
             f"makes {loaded.action_dim} actions, but V and M give z_dim {agent.z_dim} + hidden "
             f"{agent.hidden} and {agent.action_dim} actions; use the V and M it was evolved with"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# A packed agent: V, M and C in one small folder (`wm pack-agent`), such as the one shipped with
+# the package for `wm play`.
+
+SHIPPED_AGENT = Path(__file__).parent / "assets" / "carracing"
+PACKED_WEIGHTS = "agent.pt"  # {"vae": state_dict, "m": state_dict, "controller": params}
+PACKED_SPEC = "agent.yaml"  # what rebuilds them (`models`) and how they were made (`made`)
+
+
+def load_packed_agent(folder: str | Path = SHIPPED_AGENT):
+    """(V, M, C's parameters, C's spec, the spec file as a dict) of a packed agent: weights
+    stored in fp16 come back as float32, the models in eval mode."""
+    folder = Path(folder)
+    try:
+        spec = yaml.safe_load((folder / PACKED_SPEC).read_text(encoding="utf-8"))
+        weights = torch.load(folder / PACKED_WEIGHTS, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, yaml.YAMLError) as err:
+        raise UserError(
+            f"{folder}: not a packed agent ({type(err).__name__}); 'wm pack-agent' makes one"
+        ) from None
+    models = []
+    for name in ("vae", "m"):
+        model = build_model(spec["models"][name], folder / PACKED_SPEC)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in weights[name].items()}
+        model.load_state_dict(state)
+        models.append(model.eval())
+    params = weights["controller"].float().numpy()
+    return models[0], models[1], params, ControllerSpec(**spec["models"]["controller"]), spec

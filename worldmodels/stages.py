@@ -110,6 +110,18 @@ STAGES: tuple[Stage, ...] = (
         section="collect_agent",
     ),
     Stage(
+        "pack-agent",
+        "worldmodels.pack_agent",
+        "PackAgentConfig",
+        "pack a finished run's V, M and C (fp16) into one small folder for wm play",
+    ),
+    Stage(
+        "play",
+        "worldmodels.play",
+        "PlayConfig",
+        "GIF of an agent driving: the real env, V's view and M's dream side by side",
+    ),
+    Stage(
         "fidelity",
         "worldmodels.fidelity",
         "FidelityConfig",
