@@ -121,6 +121,10 @@ TINY_MODELS = {
         {"image_size": 8, "width": 8, "mults": (1, 2), "attn_resolutions": (4,), "timesteps": 10},
         lambda m: m.ema(torch.randn(2, 3, 8, 8), torch.tensor([0, 9])),
     ),
+    "LatentDiffusion": (
+        {"z_dim": 4, "width": 8, "depth": 1, "timesteps": 10},
+        lambda m: m.to_output(m.ema(torch.randn(2, 4), torch.tensor([0, 9]))),
+    ),
     "FeatureNet": (
         {"image_size": 16, "widths": (4, 8, 8), "code_dim": 8},
         lambda m: m(torch.rand(2, 3, 16, 16)),

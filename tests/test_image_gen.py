@@ -305,3 +305,154 @@ def test_mistakes_are_one_line_errors(tmp_path, image_folder, capsys):
     assert cli(["gen", "sample", f"checkpoint={tmp_path / 'v'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "v/step_00000001: not a train-image checkpoint" in err[-1], err
+
+
+# ----------------------------------------------------------------------------------------------
+# latent diffusion through a VAE
+
+
+def _tiny_v(path, size: int = 16, steps: int = 150):
+    """A small VAE trained briefly on the synthetic images, saved as a checkpoint at `path`."""
+    torch.manual_seed(0)
+    v = VAE(VAEConfig(image_size=size, z_dim=4, widths=(8, 16), kl_tolerance=0.0))
+    opt = torch.optim.Adam(v.parameters(), lr=3e-3)
+    batches = _batches(synthetic(128, size), 32)
+    for _ in range(steps):
+        out = v(images_to_float(next(batches)))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    save_checkpoint(path, steps, v.state_dict(), {}, {"z_dim": 4}, model_spec=model_spec(v))
+    return v.eval()
+
+
+def test_latent_ddpm_learns_the_latents_of_a_tiny_v(tmp_path):
+    """The loss on V's codes falls over a few hundred steps and samples decode to images."""
+    from worldmodels.gen.image import DecodedLatents, encode_latents, latent_batches
+
+    v = _tiny_v(tmp_path / "v")
+    cfg = TrainImageConfig(model="latent-ddpm", data="-", vae="-", image_size=16, width=64,
+                           depth=2, timesteps=100, batch_size=64, schedule="cosine")  # fmt: skip
+    net = new_model(model_config(cfg, z_dim=4))
+    mu, std = encode_latents(v, synthetic(256))
+    assert mu.shape == std.shape == (256, 4)
+    net.set_latent_stats(mu)
+    opts = make_optimizers("latent-ddpm", net, 2e-3)
+    batches = latent_batches(mu, std, 64, sample=False)  # the means: a 2-D manifold
+
+    def fixed_loss() -> float:  # on every code, with the same t and noise each time
+        with torch.no_grad():
+            return net.loss(mu, torch.Generator().manual_seed(0)).item()
+
+    before = fixed_loss()
+    for step in range(300):
+        TRAIN_STEP["latent-ddpm"](net, opts, batches, cfg, step, torch.device("cpu"))
+    after = fixed_loss()
+    assert after < 0.9 * before, (before, after)
+    # sampled codes spread like V's codes of the data (an untrained model's sit at the mean)
+    z = net.eval().sample_ddim(500, 10, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(z.mean(0), mu.mean(0), atol=0.3 * mu.std(0).max().item())
+    assert ((z.std(0) / mu.std(0)) - 1).abs().max() < 0.3
+    images = DecodedLatents(net, v).sample_ddim(6, 10, 0.0, torch.Generator())
+    assert images.shape == (6, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+
+
+def test_latent_ddpm_command_records_its_v(tmp_path, image_folder, capsys):
+    runs = tmp_path / "runs"
+    _tiny_v(tmp_path / "v", steps=2)
+    common = [f"runs_dir={runs}", "run_name=t", "progress=false", "threads=1"]
+    train = ["gen", "train-image", "model=latent-ddpm", f"vae={tmp_path / 'v'}",
+             f"data={image_folder}", "image_size=16", "width=16", "depth=1", "batch_size=8",
+             "timesteps=20", "ddim_steps=4", "steps=3", "grid_n=4", *common]  # fmt: skip
+    assert cli(train) == 0
+    stage = runs / "t" / "image_latent-ddpm"
+    ck = load_checkpoint(stage)
+    assert ck.model_spec["class"] == "LatentDiffusion" and ck.model_spec["config"]["z_dim"] == 4
+    assert ck.state["vae"] == str((tmp_path / "v" / "step_00000002").resolve())
+    assert len(ck.state["vae_sha256"]) == 64
+    assert (stage / "samples" / "step_00000003.png").is_file()
+    kind, model, _ = load_image_model(stage, "cpu")
+    assert kind == "latent-ddpm"
+    out = tmp_path / "grid.png"
+    sample = ["gen", "sample", f"checkpoint={stage}", "n=3", f"out={out}", "npy=true",
+              "ddim_steps=3", *common]  # fmt: skip
+    assert cli(sample) == 0
+    assert np.load(out.with_suffix(".npy")).shape == (3, 16, 16, 3)
+    capsys.readouterr()
+    assert cli(["gen", "eval", f"checkpoint={stage}", "n=50", "feature_steps=5",
+                "ddim_steps=3", *common]) == 0  # fmt: skip
+    assert _json_line(capsys)["model"] == "latent-ddpm"
+    # V retrained under the same folder: sampling refuses, in one line
+    _tiny_v(tmp_path / "v", steps=3)
+    import shutil
+
+    shutil.rmtree(tmp_path / "v" / "step_00000002")
+    assert cli(sample) == 2
+    assert "no checkpoint found" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli([*sample, f"vae={tmp_path / 'v'}"]) == 2
+    assert "not the VAE this latent-ddpm was trained with" in capsys.readouterr().err
+    # no V, or V of another image size: one line each
+    assert cli(train[:3] + train[4:]) == 2
+    assert "vae: latent-ddpm needs a trained VAE" in capsys.readouterr().err
+    assert cli([*train, "image_size=8", "run_name=u"]) == 2
+    assert "is for 16x16 images, image_size is 8" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# 64x64, the World Models frame size: one training step and samples of every model
+
+
+@pytest.mark.parametrize("model", ["vae", "dcgan", "wgan-gp", "ddpm", "latent-ddpm"])
+def test_every_model_trains_and_samples_at_64x64(tmp_path, model):
+    from worldmodels.gen.image import DecodedLatents, generate
+
+    torch.manual_seed(0)
+    data = synthetic(16, size=64)
+    cfg = TrainImageConfig(
+        model=model, data="-", vae="-", image_size=64, width=8 if model != "latent-ddpm" else 32,
+        depth=1, batch_size=4, n_critic=1, timesteps=20, ddpm_mults=[1, 2, 2, 2],
+    )  # fmt: skip
+    v = None
+    if model == "latent-ddpm":
+        v = VAE(VAEConfig(image_size=64, z_dim=8, widths=(8, 8, 16, 16))).eval()
+    net = new_model(model_config(cfg, z_dim=8))
+    if v is not None:
+        from worldmodels.gen.image import encode_latents, latent_batches
+
+        batches = latent_batches(*encode_latents(v, data), 4, sample=True)
+    else:
+        batches = _batches(data, 4)
+    opts = make_optimizers(model, net, 1e-3)
+    for step in range(2):
+        figures, _ = TRAIN_STEP[model](net, opts, batches, cfg, step, torch.device("cpu"))
+        assert all(np.isfinite(x) for x in figures.values())
+    sampler = DecodedLatents(net, v) if v is not None else net
+    images = generate(model, sampler, 3, torch.Generator().manual_seed(0), ddim_steps=2)
+    assert images.shape == (3, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+
+
+def test_ddpm_settings_reach_the_model_and_the_ema_follows_it():
+    from worldmodels.gen.image import DEFAULT_PREDICTION
+
+    cfg = TrainImageConfig(model="ddpm", data="-", image_size=16, width=8, ddpm_mults=[1, 2],
+                           ddpm_attention=[8], timesteps=50, schedule="cosine", prediction="v",
+                           weighting="min-snr", min_snr_gamma=3.0, batch_size=8)  # fmt: skip
+    net = new_model(model_config(cfg))
+    c = net.config
+    assert (c.schedule, c.prediction, c.weighting, c.min_snr_gamma) == ("cosine", "v", "min-snr", 3)
+    assert DEFAULT_PREDICTION == {"ddpm": "eps", "latent-ddpm": "v"}  # prediction=auto
+    assert model_config(TrainImageConfig(model="ddpm", image_size=16)).prediction == "eps"
+    opts = make_optimizers("ddpm", net, 1e-2)
+    batches = _batches(synthetic(32), 8)
+
+    def gap() -> float:  # distance of the EMA weights from the trained ones
+        return sum((e - p).pow(2).sum().item() for e, p in zip(net.ema.parameters(),
+                                                              net.unet.parameters()))  # fmt: skip
+
+    for step in range(3):
+        TRAIN_STEP["ddpm"](net, opts, batches, cfg, step, torch.device("cpu"))
+    before = gap()
+    assert before > 0  # the EMA lags behind the trained weights
+    with torch.no_grad():
+        net.update_ema(0.5)
+    assert gap() == pytest.approx(before / 4, rel=1e-3)  # decay 0.5 halves each weight's gap

@@ -4,12 +4,17 @@
     wm gen sample checkpoint=runs/cars/image_dcgan n=64
     wm gen eval checkpoint=runs/cars/image_dcgan
 
-Four models share one training stage, one data reader and one evaluation:
+Five models share one training stage, one data reader and one evaluation:
 
-* vae     `gen_core.vae.VAE` (World Models' V), samples decoded from z ~ N(0, I)
-* dcgan   `gen_core.gan.GAN` with the non-saturating loss (Radford et al. 2016)
-* wgan-gp `gen_core.gan.GAN` with a critic and gradient penalty (Gulrajani et al. 2017)
-* ddpm    `gen_core.diffusion.Diffusion` (Ho et al. 2020), sampled with DDIM (Song et al. 2021)
+* vae         `gen_core.vae.VAE` (World Models' V), samples decoded from z ~ N(0, I)
+* dcgan       `gen_core.gan.GAN` with the non-saturating loss (Radford et al. 2016)
+* wgan-gp     `gen_core.gan.GAN` with a critic and gradient penalty (Gulrajani et al. 2017)
+* ddpm        `gen_core.diffusion.Diffusion` (Ho et al. 2020), sampled with DDIM (Song et al.
+              2021); optionally v-prediction, min-SNR weighting, the cosine schedule
+* latent-ddpm `gen_core.latent_diffusion.LatentDiffusion` over the latents of a trained VAE
+              (`vae=<checkpoint>`, e.g. V of `wm train-vae`), decoded by it (Rombach et al.
+              2022). The training images are encoded once, at the start; the checkpoint
+              records V's step folder and the SHA-256 of its weights, and sampling loads it.
 
 `data` is a rollout store (a folder with store.json, from `wm collect`) or a folder of PNG/JPEG
 images (read with PIL, resized to image_size, held in memory). A fraction `held_out` of the
@@ -67,6 +72,7 @@ from gen_core.image_metrics import (
     train_feature_net,
 )
 from gen_core.io import atomic_write_bytes
+from gen_core.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from gen_core.runs import (
     RunConfig,
     progress,
@@ -78,29 +84,40 @@ from gen_core.runs import (
 from gen_core.vae import VAE, VAEConfig, images_to_float, images_to_uint8
 from rollouts.store import EpisodeStore
 
-MODELS = ("vae", "dcgan", "wgan-gp", "ddpm")
+MODELS = ("vae", "dcgan", "wgan-gp", "ddpm", "latent-ddpm")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Settings that fix the shapes of the weights: a checkpoint can only be resumed with the same.
 SHAPE_KEYS = [
     "model", "image_size", "width", "z_dim", "ddpm_mults", "ddpm_res_blocks", "ddpm_attention",
-    "timesteps", "schedule",
+    "timesteps", "schedule", "prediction", "depth",
 ]  # fmt: skip
+# Shape keys added later, with the value a checkpoint written before them was trained with.
+SHAPE_KEY_DEFAULTS = {"prediction": "auto", "depth": 4}
 # What `width=0` and `z_dim=0` mean for each model: the papers' (or World Models') values.
-DEFAULT_WIDTH = {"vae": 32, "dcgan": 64, "wgan-gp": 64, "ddpm": 64}
+DEFAULT_WIDTH = {"vae": 32, "dcgan": 64, "wgan-gp": 64, "ddpm": 64, "latent-ddpm": 512}
 DEFAULT_Z_DIM = {"vae": 32, "dcgan": 100, "wgan-gp": 100}
 # Adam learning rates for `lr=0`: the GANs' papers' (DCGAN 2e-4, WGAN-GP 1e-4). World Models'
 # VAE (1e-4) and Ho et al.'s DDPM (2e-4) were trained for hundreds of thousands of steps; CPU
 # runs get hundreds, where 1e-3 learns much faster (DDPM on 32x32 CarRacing frames, batch 32,
 # 60 s: loss 0.35 at 2e-4, 0.054 at 1e-3 after the same 76 steps; gradients clipped at 1).
-DEFAULT_LR = {"vae": 1e-3, "dcgan": 2e-4, "wgan-gp": 1e-4, "ddpm": 1e-3}
+DEFAULT_LR = {"vae": 1e-3, "dcgan": 2e-4, "wgan-gp": 1e-4, "ddpm": 1e-3, "latent-ddpm": 1e-3}
+# What `prediction=auto` means: eps for pixels (Ho et al.); v for latents, which are not clipped
+# to a range while sampling, where eps-prediction's x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+# divides the network's error by sqrt(abar_T) ~ 0.03 at the first step and samples blow up.
+DEFAULT_PREDICTION = {"ddpm": "eps", "latent-ddpm": "v"}
 
 
 @dataclass
 class TrainImageConfig(RunConfig):
-    """Train an image generator (vae, dcgan, wgan-gp or ddpm) on frames or an image folder."""
+    """Train an image generator (vae, dcgan, wgan-gp, ddpm, latent-ddpm) on frames or images."""
 
-    model: Literal["vae", "dcgan", "wgan-gp", "ddpm"] = setting("vae", "which generator to train")
+    model: Literal["vae", "dcgan", "wgan-gp", "ddpm", "latent-ddpm"] = setting(
+        "vae", "which generator to train"
+    )
     data: str = setting("", "a rollout store folder (with store.json) or a folder of PNG/JPEG")
+    vae: str = setting(
+        "", "latent-ddpm: the VAE checkpoint (step, checkpoints or stage folder) it works in"
+    )
     image_size: int = setting(64, "images are resized to image_size x image_size", min=8)
     held_out: float = setting(
         0.1, "fraction of the episodes (store) or images (folder) never trained on", min=0, max=0.5
@@ -116,18 +133,39 @@ class TrainImageConfig(RunConfig):
         0.0, "Adam learning rate (0: vae 1e-3, dcgan 2e-4, wgan-gp 1e-4, ddpm 1e-3)", min=0
     )
     width: int = setting(
-        0, "channels at full resolution (0: vae 32, dcgan/wgan-gp 64, ddpm 64)", min=0
+        0,
+        "channels at full resolution (0: vae 32, dcgan/wgan-gp 64, ddpm 64); latent-ddpm: "
+        "hidden width of its MLP (0: 512)",
+        min=0,
     )
+    depth: int = setting(4, "latent-ddpm: residual blocks of its MLP", min=1)
     z_dim: int = setting(0, "latent size of vae and GANs (0: vae 32, GANs 100)", min=0)
     kl_tolerance: float = setting(0.5, "vae: KL floor per latent dimension, nats", min=0)
     n_critic: int = setting(5, "wgan-gp: critic steps per generator step", min=1)
     gp_weight: float = setting(10.0, "wgan-gp: weight lambda of the gradient penalty", min=0)
     timesteps: int = setting(1000, "ddpm: steps T of the forward process", min=2)
     schedule: Literal["linear", "cosine"] = setting("linear", "ddpm: beta schedule")
+    prediction: Literal["auto", "eps", "v"] = setting(
+        "auto", "ddpm: what the network predicts (auto: eps for ddpm, v for latent-ddpm)"
+    )
+    weighting: Literal["none", "min-snr"] = setting(
+        "none", "ddpm: loss weight per timestep (min-snr: Hang et al. 2023)"
+    )
+    min_snr_gamma: float = setting(
+        5.0, "ddpm: gamma of min-snr weighting", min=0, min_inclusive=False
+    )
+    latent: Literal["sample", "mean"] = setting(
+        "sample", "latent-ddpm: train on z drawn from V's posterior, or on its mean"
+    )
+    max_latents: int = setting(
+        100000, "latent-ddpm: training images encoded (a random subset if more)", min=1
+    )
     ddpm_mults: list[int] = setting([1, 2, 2, 2], "ddpm: U-Net width multiplier per level")
     ddpm_res_blocks: int = setting(1, "ddpm: residual blocks per U-Net level", min=1)
     ddpm_attention: list[int] = setting([16], "ddpm: resolutions with self-attention")
-    ema_decay: float = setting(0.9999, "ddpm: decay of the weights' EMA used for sampling", max=1)
+    ema_decay: float = setting(
+        0.9999, "ddpm: decay of the weights' EMA used for sampling (warmed up early on)", max=1
+    )
     grad_clip: float = setting(1.0, "ddpm: clip the gradient norm to this (0: off)", min=0)
     ddim_steps: int = setting(50, "ddpm: DDIM steps for the sample grids", min=1)
     eta: float = setting(0.0, "ddpm: DDIM eta for the sample grids (0: deterministic)", min=0)
@@ -142,8 +180,10 @@ class TrainImageConfig(RunConfig):
             self.image_size & (self.image_size - 1) or self.image_size < 8
         ):
             raise ConfigError(f"image_size: {self.model} needs a power of two >= 8")
-        if self.model == "ddpm" and self.ddim_steps > self.timesteps:
+        if self.model in ("ddpm", "latent-ddpm") and self.ddim_steps > self.timesteps:
             raise ConfigError(f"ddim_steps: expected at most timesteps ({self.timesteps})")
+        if self.model == "latent-ddpm" and not self.vae:
+            raise ConfigError("vae: latent-ddpm needs a trained VAE (set vae=CHECKPOINT)")
 
     @property
     def stage(self) -> str:
@@ -164,6 +204,7 @@ class SampleImageConfig(RunConfig):
     ddim_steps: int = setting(50, "ddpm only: DDIM steps", min=1)
     eta: float = setting(0.0, "ddpm only: DDIM eta (0: deterministic, 1: DDPM-like)", min=0)
     temperature: float = setting(1.0, "vae only: z ~ N(0, temperature^2 I)", min=0)
+    vae: str = setting("", "latent-ddpm only: decode with this VAE (default: its own)")
 
 
 @dataclass
@@ -186,6 +227,7 @@ class EvalImageConfig(RunConfig):
     ddim_steps: int = setting(50, "ddpm only: DDIM steps", min=1)
     eta: float = setting(0.0, "ddpm only: DDIM eta", min=0)
     temperature: float = setting(1.0, "vae only: z ~ N(0, temperature^2 I)", min=0)
+    vae: str = setting("", "latent-ddpm only: decode with this VAE (default: its own)")
     batch_size: int = setting(100, "images per generation batch", min=1)
 
 
@@ -356,24 +398,78 @@ def grid_png(images: torch.Tensor, gap: int = 1) -> bytes:
 # models
 
 
-ModelConfig = VAEConfig | GANConfig | DiffusionConfig
+ModelConfig = VAEConfig | GANConfig | DiffusionConfig | LatentDiffusionConfig
+MODEL_CLASSES = {
+    VAEConfig: VAE, GANConfig: GAN, DiffusionConfig: Diffusion,
+    LatentDiffusionConfig: LatentDiffusion,
+}  # fmt: skip
 
 
 def new_model(model_config: ModelConfig) -> nn.Module:
     """A freshly initialised model from its config (`model_config(cfg)`)."""
-    cls = {VAEConfig: VAE, GANConfig: GAN, DiffusionConfig: Diffusion}[type(model_config)]
-    return cls(model_config)
+    return MODEL_CLASSES[type(model_config)](model_config)
 
 
 def image_kind(spec: dict[str, Any]) -> str:
-    """The kind of model (vae, dcgan, wgan-gp, ddpm) a checkpoint's model.yaml describes."""
+    """The kind of model (vae, dcgan, wgan-gp, ddpm, latent-ddpm) a model.yaml describes."""
     if spec["class"] == "GAN":
         return spec["config"].get("loss", "dcgan")
-    return {"VAE": "vae", "Diffusion": "ddpm"}[spec["class"]]
+    return {"VAE": "vae", "Diffusion": "ddpm", "LatentDiffusion": "latent-ddpm"}[spec["class"]]
 
 
-def model_config(cfg: TrainImageConfig) -> ModelConfig:
-    """The model's config dataclass from the run's settings."""
+class DecodedLatents(nn.Module):
+    """A latent diffusion model and the VAE that decodes its samples: samples like `Diffusion`,
+    (n, C, H, W) images in [0, 1]."""
+
+    def __init__(self, prior: LatentDiffusion, vae: VAE):
+        super().__init__()
+        self.prior, self.vae = prior, vae
+
+    def sample_ddim(self, n, steps=50, eta=0.0, generator=None) -> torch.Tensor:
+        return self.vae.decode(self.prior.sample_ddim(n, steps, eta, generator))
+
+    def sample_ddpm(self, n, generator=None) -> torch.Tensor:
+        return self.vae.decode(self.prior.sample_ddpm(n, generator))
+
+
+def load_vae_for_latents(path: str | Path, device, sha256: str = "") -> tuple[VAE, Path, str]:
+    """(VAE in eval mode and frozen, its step folder, SHA-256 of its model.pt); with `sha256`,
+    a one-line error if the weights found are not those."""
+    import hashlib
+
+    vae, ck = load_model(path, map_location=device, kinds=("VAE",))
+    digest = hashlib.sha256((ck.path / "model.pt").read_bytes()).hexdigest()
+    if sha256 and digest != sha256:
+        raise UserError(
+            f"{ck.path}: not the VAE this latent-ddpm was trained with (its weights changed); "
+            "pass the right one with vae=PATH"
+        )
+    return vae.eval().requires_grad_(False), ck.path.resolve(), digest
+
+
+@torch.no_grad()
+def encode_latents(vae: VAE, images: torch.Tensor, batch_size: int = 256):
+    """uint8 (N, H, W, 3) images -> V's posterior mean and standard deviation, each (N, z_dim)."""
+    device = vae.decoder.fc.weight.device
+    mus, stds = [], []
+    for i in range(0, len(images), batch_size):
+        mu, logvar = vae.encode(images_to_float(images[i : i + batch_size].to(device)))
+        mus.append(mu.float().cpu())
+        stds.append(logvar.float().mul(0.5).exp().cpu())
+    return torch.cat(mus), torch.cat(stds)
+
+
+def latent_batches(mu: torch.Tensor, std: torch.Tensor, batch_size: int, sample: bool):
+    """Endless random batches (B, z_dim) of latents: posterior draws or means (global RNG)."""
+    if len(mu) < batch_size:
+        raise UserError(f"data: fewer training images ({len(mu)}) than batch_size={batch_size}")
+    while True:
+        ix = torch.randint(0, len(mu), (batch_size,))
+        yield mu[ix] + std[ix] * torch.randn(batch_size, mu.size(1)) if sample else mu[ix]
+
+
+def model_config(cfg: TrainImageConfig, z_dim: int = 0) -> ModelConfig:
+    """The model's config dataclass from the run's settings (latent-ddpm: V's `z_dim`)."""
     w = cfg.width or DEFAULT_WIDTH[cfg.model]
     z = cfg.z_dim or DEFAULT_Z_DIM.get(cfg.model, 0)
     s = cfg.image_size
@@ -388,15 +484,26 @@ def model_config(cfg: TrainImageConfig) -> ModelConfig:
                 image_size=s, z_dim=z, g_width=w, d_width=w, loss=cfg.model,
                 gp_weight=cfg.gp_weight, n_critic=cfg.n_critic,
             )  # fmt: skip
-        else:
+        elif cfg.model == "ddpm":
             mc = DiffusionConfig(
                 image_size=s, width=w, mults=tuple(cfg.ddpm_mults),
                 res_blocks=cfg.ddpm_res_blocks, attn_resolutions=tuple(cfg.ddpm_attention),
-                timesteps=cfg.timesteps, schedule=cfg.schedule,
+                timesteps=cfg.timesteps, schedule=cfg.schedule, prediction=prediction(cfg),
+                weighting=cfg.weighting, min_snr_gamma=cfg.min_snr_gamma,
+            )  # fmt: skip
+        else:
+            mc = LatentDiffusionConfig(
+                z_dim=z_dim, width=w, depth=cfg.depth, timesteps=cfg.timesteps,
+                schedule=cfg.schedule, prediction=prediction(cfg), weighting=cfg.weighting,
+                min_snr_gamma=cfg.min_snr_gamma,
             )  # fmt: skip
     except ValueError as err:
         raise UserError(f"{cfg.model} at image_size={s}: {err}") from None
     return mc
+
+
+def prediction(cfg: TrainImageConfig) -> str:
+    return DEFAULT_PREDICTION[cfg.model] if cfg.prediction == "auto" else cfg.prediction
 
 
 def make_optimizers(kind: str, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
@@ -410,7 +517,8 @@ def make_optimizers(kind: str, model: nn.Module, lr: float) -> dict[str, torch.o
             "g": torch.optim.Adam(model.generator.parameters(), **opt),
             "d": torch.optim.Adam(model.discriminator.parameters(), **opt),
         }
-    return {"unet": torch.optim.Adam(model.unet.parameters(), lr=lr or DEFAULT_LR[kind])}
+    name = "unet" if kind == "ddpm" else "denoiser"
+    return {name: torch.optim.Adam(model.net.parameters(), lr=lr or DEFAULT_LR[kind])}
 
 
 @torch.no_grad()
@@ -489,18 +597,24 @@ def gan_step(model: GAN, opts, batches, cfg, step: int, device) -> tuple[dict[st
 def ddpm_step(
     model: Diffusion, opts, batches, cfg, step: int, device
 ) -> tuple[dict[str, float], int]:
-    x = to_model_input(next(batches), "ddpm", device)
+    """One step of pixel (uint8 image batches) or latent (float latent batches) diffusion."""
+    batch = next(batches)
+    x = to_model_input(batch, "ddpm", device) if cfg.model == "ddpm" else batch.to(device)
     loss = model.loss(x)
-    opts["unet"].zero_grad(set_to_none=True)
+    (opt,) = opts.values()
+    opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), cfg.grad_clip)
-    opts["unet"].step()
+        torch.nn.utils.clip_grad_norm_(model.net.parameters(), cfg.grad_clip)
+    opt.step()
     model.update_ema(cfg.ema_decay, step)
     return {"loss": loss.item()}, len(x)
 
 
-TRAIN_STEP = {"vae": vae_step, "dcgan": gan_step, "wgan-gp": gan_step, "ddpm": ddpm_step}
+TRAIN_STEP = {
+    "vae": vae_step, "dcgan": gan_step, "wgan-gp": gan_step, "ddpm": ddpm_step,
+    "latent-ddpm": ddpm_step,
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,15 +624,25 @@ TRAIN_STEP = {"vae": vae_step, "dcgan": gan_step, "wgan-gp": gan_step, "ddpm": d
 def main(cfg: TrainImageConfig) -> dict[str, Any]:
     """Train (or resume) and return a summary: step, last losses, images/s, checkpoint."""
     data = ImageData(cfg.data, cfg.image_size, cfg.held_out)  # data errors before a run folder
-    mcfg = model_config(cfg)  # setting errors before a run folder
+    vae = None
+    if cfg.model == "latent-ddpm":  # V's errors too
+        vae = load_vae_for_latents(cfg.vae, resolve_device(cfg.device))
+        if vae[0].config.image_size != cfg.image_size:
+            raise UserError(
+                f"vae: {vae[1]} is for {vae[0].config.image_size}x{vae[0].config.image_size} "
+                f"images, image_size is {cfg.image_size}"
+            )
+    mcfg = model_config(cfg, vae[0].config.z_dim if vae else 0)  # setting errors before a run
     run = start_run(cfg, cfg.stage)
     try:
-        return _train(cfg, run, data, mcfg)
+        return _train(cfg, run, data, mcfg, vae)
     finally:
         run.close()
 
 
-def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: ModelConfig) -> dict[str, Any]:
+def _train(
+    cfg: TrainImageConfig, run, data: ImageData, mcfg: ModelConfig, vae=None
+) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     ckpt_dir = run.dir / "checkpoints"
     latest = latest_checkpoint(ckpt_dir)
@@ -529,8 +653,17 @@ def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: ModelConfig) -> di
     model = model.to(memory_format=torch.channels_last)  # the fastest conv layout on CPU
     opts = make_optimizers(cfg.model, model, cfg.lr)
     step, figures, restarts = 0, {}, 0
+    v_record = {}
+    if vae is not None:
+        v_record = {"vae": str(vae[1]), "vae_sha256": vae[2]}
+        if ckpt is not None and ckpt.state.get("vae_sha256") != vae[2]:
+            raise UserError(
+                f"{ckpt.path}: cannot resume, trained with the VAE {ckpt.state.get('vae')}, "
+                f"vae= names other weights ({vae[1]})"
+            )
     if ckpt is not None:
-        check_compatible(ckpt.config, to_dict(cfg), SHAPE_KEYS, ckpt.path)
+        saved = {**SHAPE_KEY_DEFAULTS, **ckpt.config}
+        check_compatible(saved, to_dict(cfg), SHAPE_KEYS, ckpt.path)
         model.load_state_dict(ckpt.model)
         for name, opt in opts.items():
             opt.load_state_dict(ckpt.state["optimizers"][name])
@@ -549,6 +682,19 @@ def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: ModelConfig) -> di
     # A resumed run reads the data in a new order (seeded by the restart count): the position
     # inside a shuffled epoch is not saved, and repeating the first batches would bias training.
     batches = data.batches(cfg.batch_size, cfg.seed + 7919 * restarts)
+    sampler_model = model
+    if vae is not None:
+        # every training image is encoded once; batches are drawn from the codes
+        t_enc = time.perf_counter()
+        images = data.load("train", limit=cfg.max_latents, seed=cfg.seed)
+        mu, std = encode_latents(vae[0], images)
+        if ckpt is None:
+            model.set_latent_stats(mu if cfg.latent == "mean" else mu + std * torch.randn_like(mu))
+        batches = latent_batches(mu, std, cfg.batch_size, cfg.latent == "sample")
+        sampler_model = DecodedLatents(model, vae[0])
+        run.log.info(
+            f"encoded {len(mu)} training images with {vae[1]} in {time.perf_counter() - t_enc:.1f}s"
+        )
     grid_noise_seed = cfg.seed  # the same noise for every grid, so grids show progress
 
     def save(step: int) -> None:
@@ -557,6 +703,7 @@ def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: ModelConfig) -> di
             "rng": rng_state(),
             "figures": figures,
             "restarts": restarts,
+            **v_record,
         }
         save_checkpoint(
             ckpt_dir, step, model.state_dict(), state, to_dict(cfg), model_spec=model_spec(model)
@@ -564,7 +711,9 @@ def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: ModelConfig) -> di
 
     def write_grid(step: int) -> Path:
         gen = torch.Generator(device).manual_seed(grid_noise_seed)
-        images = generate(cfg.model, model, cfg.grid_n, gen, ddim_steps=cfg.ddim_steps, eta=cfg.eta)
+        images = generate(
+            cfg.model, sampler_model, cfg.grid_n, gen, ddim_steps=cfg.ddim_steps, eta=cfg.eta
+        )
         path = run.dir / "samples" / f"step_{step:08d}.png"
         atomic_write_bytes(path, grid_png(images))
         return path
@@ -636,14 +785,21 @@ def _train(cfg: TrainImageConfig, run, data: ImageData, mcfg: ModelConfig) -> di
 # loading a trained model (sample, eval)
 
 
-def load_image_model(path: str | Path, device) -> tuple[str, nn.Module, Any]:
-    """(kind, model in eval mode, checkpoint) of a train-image checkpoint."""
+def load_image_model(path: str | Path, device, vae: str = "") -> tuple[str, nn.Module, Any]:
+    """(kind, model in eval mode, checkpoint) of a train-image checkpoint. A latent-ddpm comes
+    with its VAE (`DecodedLatents`): the one it was trained with, or the one at `vae`."""
     if not str(path):
         raise UserError("checkpoint: expected a train-image checkpoint (set checkpoint=PATH)")
-    model, ckpt = load_model(path, map_location=device, kinds=("VAE", "GAN", "Diffusion"))
+    kinds = ("VAE", "GAN", "Diffusion", "LatentDiffusion")
+    model, ckpt = load_model(path, map_location=device, kinds=kinds)
     kind = image_kind(ckpt.model_spec)
     if ckpt.config.get("model") != kind:  # e.g. V of `wm train-vae`, not trained by train-image
         raise UserError(f"{ckpt.path}: not a train-image checkpoint (a {kind} of another stage)")
+    if kind == "latent-ddpm":
+        if not (vae or ckpt.state.get("vae")):
+            raise UserError(f"{ckpt.path}: records no VAE to decode with (pass vae=PATH)")
+        v, _, _ = load_vae_for_latents(vae or ckpt.state["vae"], device, ckpt.state["vae_sha256"])
+        model = DecodedLatents(model, v).eval()
     return kind, model, ckpt
 
 
@@ -662,7 +818,7 @@ def sample_main(cfg: SampleImageConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    kind, model, ckpt = load_image_model(cfg.checkpoint, device)
+    kind, model, ckpt = load_image_model(cfg.checkpoint, device, cfg.vae)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     images = generate(
@@ -716,7 +872,7 @@ def eval_main(cfg: EvalImageConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    kind, model, ckpt = load_image_model(cfg.checkpoint, device)
+    kind, model, ckpt = load_image_model(cfg.checkpoint, device, cfg.vae)
     trained_on = ckpt.config
     data = ImageData(
         cfg.data or trained_on.get("data", ""),
@@ -762,9 +918,10 @@ def sampler_name(kind: str, sampler: str, ddim_steps: int, eta: float) -> str:
         return "decode z ~ N(0, I)"
     if kind in ("dcgan", "wgan-gp"):
         return "generator(z ~ N(0, I)), batch-norm running statistics"
+    decoded = ", decoded by the VAE" if kind == "latent-ddpm" else ""
     if sampler == "ddpm":
-        return "ddpm ancestral, all T steps, EMA weights"
-    return f"ddim {ddim_steps} steps, eta {eta:g}, EMA weights"
+        return "ddpm ancestral, all T steps, EMA weights" + decoded
+    return f"ddim {ddim_steps} steps, eta {eta:g}, EMA weights" + decoded
 
 
 def image_scores(
