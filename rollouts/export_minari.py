@@ -31,7 +31,7 @@ class ExportMinariConfig(RunConfig):
         "", "folder of Minari datasets (default: $MINARI_DATASETS_PATH, else ~/.minari/datasets)"
     )
     jpeg: bool = setting(
-        False, "JPEG-encode the frames (Minari's default: ~10x smaller on disk, but lossy)"
+        False, "JPEG-encode the frames (Minari's default: ~9x smaller on disk, but lossy)"
     )
 
     def dataset(self) -> str:

@@ -98,7 +98,7 @@ def export_store(
     """Write every episode of `store` as the Minari dataset `dataset_id` under `root`; its
     folder. Written under a temporary folder and moved into place: whole or absent.
 
-    jpeg: JPEG-encode the frames (Minari's default; about 10x smaller, but lossy)."""
+    jpeg: JPEG-encode the frames (Minari's default; about 9x smaller, but lossy)."""
     minari = _minari()
     info = store.info()
     final = root / dataset_id

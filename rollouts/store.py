@@ -272,6 +272,8 @@ class EpisodeStore(EpisodeFolder):
 
         A store whose store.json is gone but whose episode files remain gets it back only if
         every file holds the frames and actions `info` asks for."""
+        if str(path).startswith(MINARI_PREFIX):
+            raise UserError(f"store: {path} is a Minari dataset, read only; write to a folder")
         store = cls(path)
         meta = {
             "format": FORMAT,

@@ -148,6 +148,8 @@ def test_minari_mistakes_are_one_line(tmp_path, datasets, capsys, monkeypatch):
     assert wm(["train-vae", *common, "store=minari:worldmodels/absent-v0"]) == 2
     line = one_error_line(capsys, "train-vae")
     assert "no Minari dataset" in line and "MINARI_DATASETS_PATH" in line
+    assert wm(["collect", *common, "store=minari:worldmodels/toy-v0", "backend=inline"]) == 2
+    assert "Minari dataset, read only" in one_error_line(capsys, "collect")
     monkeypatch.setitem(sys.modules, "minari", None)  # as if the extra were not installed
     assert wm(["export-minari", *common, "dataset_id=worldmodels/again-v0"]) == 2
     assert 'pip install -e ".[minari]"' in one_error_line(capsys, "export-minari")

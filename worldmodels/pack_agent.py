@@ -71,11 +71,16 @@ def main(cfg: PackAgentConfig) -> int:
     (vae, m, spec, frames), params = load_driver(
         controller, layout.vae_checkpoints, layout.m_checkpoints(k), layout.store, cfg.params
     )
-    half = {k_: v.half() if v.is_floating_point() else v for k_, v in vae.state_dict().items()}
-    m_half = {k_: v.half() if v.is_floating_point() else v for k_, v in m.state_dict().items()}
+
+    # V and M in fp16, half the bytes; load_packed_agent casts them back to float32.
+    def half(model):
+        return {
+            k_: v.half() if v.is_floating_point() else v for k_, v in model.state_dict().items()
+        }
+
     # C stays float32, the precision the agent acts in: 867 numbers (3 KB), and fp16 would
     # move every action it takes.
-    weights = {"vae": half, "m": m_half, "controller": torch.as_tensor(params).float()}
+    weights = {"vae": half(vae), "m": half(m), "controller": torch.as_tensor(params).float()}
 
     pipeline = layout.pipeline / "config.yaml"
     run_config = yaml.safe_load(pipeline.read_text()) if pipeline.is_file() else None
