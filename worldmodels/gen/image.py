@@ -463,6 +463,10 @@ def latent_batches(mu: torch.Tensor, std: torch.Tensor, batch_size: int, sample:
     """Endless random batches (B, z_dim) of latents: posterior draws or means (global RNG)."""
     if len(mu) < batch_size:
         raise UserError(f"data: fewer training images ({len(mu)}) than batch_size={batch_size}")
+    return _latent_batches(mu, std, batch_size, sample)
+
+
+def _latent_batches(mu, std, batch_size: int, sample: bool):
     while True:
         ix = torch.randint(0, len(mu), (batch_size,))
         yield mu[ix] + std[ix] * torch.randn(batch_size, mu.size(1)) if sample else mu[ix]
