@@ -112,3 +112,22 @@ def test_example_scores_ppo_beside_the_cmaes_controller(tiny_run, capsys):
     assert (tiny_run / "sb3_ppo" / "ppo.zip").is_file()
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["ppo_mean"] == result["ppo"]["mean"] and "cmaes_mean" in line
+
+
+def test_example_takes_the_controllers_score_from_wm_evaluate_on_the_same_tracks(tiny_run):
+    """A score.json of `wm evaluate` on the example's own tracks is read, not played again;
+    one on other tracks is not."""
+    ex = load_example()
+    args = ["--run", str(tiny_run), "--timesteps", "512", "--n-envs", "2", "--n-steps", "128",
+            "--batch-size", "64", "--n-epochs", "1", "--dream-steps", "30", "--episodes", "2",
+            "--max-steps", "20"]  # fmt: skip
+    score = tiny_run / "evaluate" / "controller" / "score.json"
+    score.parent.mkdir(parents=True, exist_ok=True)
+    known = {"mean": 123.0, "std": 1.0, "returns": [122.0, 124.0], "max_steps": 20}
+    try:
+        score.write_text(json.dumps(known | {"seeds": eval_seeds(0, 2)}))
+        assert ex.main(args)["cmaes"]["mean"] == 123.0
+        score.write_text(json.dumps(known | {"seeds": eval_seeds(1, 2)}))
+        assert ex.main(args)["cmaes"]["mean"] != 123.0
+    finally:  # the run is shared with the other tests of this file
+        score.unlink()

@@ -100,6 +100,7 @@ def main(cfg: EvaluateConfig) -> int:
         "episodes": cfg.episodes,
         "max_steps": cfg.max_steps,
         "env_id": cfg.env_id,
+        "seeds": seeds,  # the tracks, so another scorer can tell it has the same ones
         "returns": [round(float(r), 2) for r in returns],
     }
     atomic_write_text(layout.score(name), json.dumps(score, indent=2) + "\n")
