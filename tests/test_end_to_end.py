@@ -179,3 +179,28 @@ def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
     assert Image.open(run / "fidelity" / "tau1.15" / "strip.png").size == (3 * 66, 3 * 66 + 8)
     assert "strip.png" in (run / "fidelity" / "tau1.15" / "fidelity.md").read_text()
     assert (tmp_path / "fidelity_real_cache.json").exists()
+
+
+def test_pipeline_draws_keep_the_controller_whose_mean_scored_best(tmp_path):
+    """draws=2: M and C twice on the same data and V (seeds 1 and 1001); the round keeps the
+    draw whose kept mean scored best on its real checks, and evaluate scores that one."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, ") + "draws: 2\n")
+    assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]) == 0
+    run = tmp_path / "e2e"
+    layout = RunLayout(run)
+    scored = [
+        float(load_checkpoint(layout.controller_checkpoints(0, j)).state["scored_return"])
+        for j in (0, 1)
+    ]
+    assert load_checkpoint(run / "m_d1" / "checkpoints").config["seed"] == 1001
+    assert load_checkpoint(run / "m" / "checkpoints").config["seed"] == 1
+    record = json.loads(layout.draws.read_text())["0"]
+    assert record["kept"] == int(np.argmax(scored))
+    assert record["scored_returns"] == [round(r, 2) for r in scored]
+    evaluated = (run / "evaluate" / "config.yaml").read_text()
+    assert str(layout.controller_checkpoints(0, record["kept"])) in evaluated
+    assert f"draw {record['kept']} of 2" in (run / "report" / "report.md").read_text()
+    # Choosing by dream checks (or none) would choose by the dream: refused in one line.
+    bad = ["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "controller.eval_in=dream"]
+    assert wm(bad) == 2
