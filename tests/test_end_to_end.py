@@ -201,6 +201,17 @@ def test_pipeline_draws_keep_the_controller_whose_mean_scored_best(tmp_path):
     evaluated = (run / "evaluate" / "config.yaml").read_text()
     assert str(layout.controller_checkpoints(0, record["kept"])) in evaluated
     assert f"draw {record['kept']} of 2" in (run / "report" / "report.md").read_text()
+    score = json.loads(layout.score("controller").read_text())
+    assert score["controller"] == str(layout.controller_checkpoints(0, record["kept"]))
+    # Another draw kept later (here: a record that names the other one) is scored anew.
+    other = 1 - record["kept"]
+    layout.draws.write_text(json.dumps({"0": {"kept": other, "scored_returns": [0, 0]}}))
+    args = ["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]
+    assert wm([*args, "draws=1"]) == 0  # one draw: round 0 keeps draw 0 again
+    score = json.loads(layout.score("controller").read_text())
+    assert (
+        score["controller"] == str(layout.controller_checkpoints(0, 0)) and layout.kept_draw(0) == 0
+    )
     # Choosing by dream checks (or none) would choose by the dream: refused in one line.
     bad = ["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "controller.eval_in=dream"]
     assert wm(bad) == 2

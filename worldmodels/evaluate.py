@@ -63,11 +63,12 @@ def main(cfg: EvaluateConfig) -> int:
     layout = RunLayout.of(cfg)
     run = start_run(cfg, "evaluate", folder=layout.evaluate.name)
     name = cfg.name or cfg.policy
-    parts, params = None, None
+    parts, params, controller = None, None, None
     if cfg.policy == "controller":
         k = layout.last_round()  # C and the M it was evolved with belong to the same round
+        controller = Path(cfg.controller or layout.controller_checkpoints(k))
         parts, params = load_driver(
-            Path(cfg.controller or layout.controller_checkpoints(k)),
+            controller,
             Path(cfg.vae or layout.vae_checkpoints),
             Path(cfg.m or layout.m_checkpoints(k)),
             Path(cfg.store or layout.store),
@@ -101,6 +102,7 @@ def main(cfg: EvaluateConfig) -> int:
         "max_steps": cfg.max_steps,
         "env_id": cfg.env_id,
         "seeds": seeds,  # the tracks, so another scorer can tell it has the same ones
+        "controller": str(controller) if controller else None,  # which C was scored
         "returns": [round(float(r), 2) for r in returns],
     }
     atomic_write_text(layout.score(name), json.dumps(score, indent=2) + "\n")

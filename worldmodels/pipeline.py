@@ -260,8 +260,10 @@ def main(cfg: PipelineConfig) -> int:
                 "m": str(layout.m_checkpoints(cfg.iterations)),
                 "controller": str(layout.controller_checkpoints(cfg.iterations)),
             }
-        if not layout.score(name).exists():
-            stage("evaluate", name=name, **extra)
+        score = layout.score(name)
+        scored = json.loads(score.read_text()).get("controller") if score.exists() else None
+        if not score.exists() or (name == "controller" and scored != extra["controller"]):
+            stage("evaluate", name=name, **extra)  # not scored yet, or another draw was
         scores[name] = json.loads(layout.score(name).read_text())
     out = write_report(cfg, scores, time.perf_counter() - t0, cfg.iterations)
     log.info(
