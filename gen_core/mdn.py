@@ -10,13 +10,10 @@ Transformer M (`gen_core/mdn_transformer.py`) differ only in how they make the f
 The step protocol (`StepModel`) is how anything *runs* such a model, one step at a time for a
 batch of rollouts: `initial_state(B)`, `observe(state, z, a)` (a real step read, nothing drawn),
 `step(state, z, a, temperature, generator)` -> `WorldStep` (a drawn next z, reward, end
-probability, new state), `features(state)` (what a controller reads: the LSTM's h, the
-Transformer's last output) and `vary(state, rate, generator)`: from here on each row runs its
-own draw of M, with a dropout mask of its own kept for the rest of the rollout (Dropout's Dream
-Land, Wellmer & Kwok 2021), so exploiting one draw's flaw does not pay across rollouts (a model
-that cannot vary raises UserError). States are `BatchState`s: dataclasses of batch-first
-tensors that can be indexed, repeated and written row by row, so a dream bank, a vector env's
-autoreset and a population of rollouts all handle any model's state the same way.
+probability, new state), and `features(state)` (what a controller reads: the LSTM's h, the
+Transformer's last output). States are `BatchState`s: dataclasses of batch-first tensors that can
+be indexed, repeated and written row by row, so a dream bank, a vector env's autoreset and a
+population of rollouts all handle any model's state the same way.
 
 Room for a diffusion M: its state would be the window of past latents (and any cache) as a
 `BatchState`, and `step` would run its sampler (DDIM steps conditioned on that window and a_t)
@@ -267,7 +264,3 @@ class StepModel(Protocol):
     ) -> WorldStep: ...
 
     def features(self, state: BatchState) -> torch.Tensor: ...
-
-    def vary(
-        self, state: BatchState, rate: float, generator: torch.Generator | None = None
-    ) -> BatchState: ...

@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gen_core.errors import UserError
 from gen_core.mdn import BatchState, MDNHeads, MDNHeadsConfig, MDNOutput, WorldStep, sample_mixture
 from gen_core.transformer import Transformer, TransformerConfig, apply_rotary, rotary_tables
 
@@ -116,10 +115,6 @@ class TransformerStepper:
 
     def features(self, state: RingState) -> torch.Tensor:
         return state.h  # (B, n_embd)
-
-    def vary(self, state: RingState, rate: float, generator=None) -> RingState:
-        """Per-rollout dropout is the MDN-RNN's (`LSTMStepper.vary`); not built here."""
-        raise UserError("dream.dropout: per-rollout dropout is built for the LSTM M only")
 
     @torch.no_grad()
     def observe(self, state: RingState, z: torch.Tensor, action: torch.Tensor) -> RingState:

@@ -10,11 +10,6 @@ At step t the model reads [z_t, a_t] and predicts z_{t+1}, r_t and done_t. `forw
 sequences (training); `stepper()` gives the one-step protocol of `gen_core/mdn.py`, a fused LSTM
 step over a snapshot of the weights (what dreams, the real-env agent and M's free-running loss
 run).
-
-Dropout as Gal & Ghahramani (2016), "A Theoretically Grounded Application of Dropout in Recurrent
-Neural Networks": one mask per sequence on the latent input z and on the recurrent h (never on the
-action). Dropout's Dream Land (Wellmer & Kwok, ECML-PKDD 2021) trains M with it and keeps it on
-while dreaming, so each dream rollout runs its own thinned M (`LSTMStepper.vary`).
 """
 
 from __future__ import annotations
@@ -43,18 +38,12 @@ class MDNRNNConfig:
     n_mixtures: int = 5  # Gaussians per latent dimension
     reward_head: bool = True  # predict the reward of each step
     done_head: bool = True  # predict whether each step ends the episode
-    dropout: float = 0.0  # training: drop rate of z and h, one mask per sequence (0: off)
 
 
 @dataclass
 class LSTMState(BatchState):
     h: torch.Tensor  # (B, hidden)
     c: torch.Tensor  # (B, hidden)
-
-
-@dataclass
-class VariedLSTMState(LSTMState):
-    keep: torch.Tensor  # (B, z_dim + action_dim + hidden) this rollout's dropout mask on [z, a, h]
 
 
 class MDNRNN(nn.Module):
@@ -72,32 +61,9 @@ class MDNRNN(nn.Module):
         """Predictions for a whole sequence: z (B, T, z_dim), action (B, T, action_dim),
         from `state` (zeros if None)."""
         x = torch.cat([z, action], dim=-1)  # (B, T, z_dim + action_dim)
-        if self.training and self.config.dropout > 0:
-            return self.heads(self._dropout_forward(x, state))
         hc = None if state is None else (state.h[None], state.c[None])
         out, _ = self.lstm(x, hc)  # (B, T, hidden)
         return self.heads(out)
-
-    def _dropout_forward(self, x: torch.Tensor, state: LSTMState | None) -> torch.Tensor:
-        """The LSTM unrolled with one dropout mask per sequence on z and on h (the fused
-        kernel cannot drop the recurrent input). Returns h for every step (B, T, hidden)."""
-        c, lstm, p = self.config, self.lstm, self.config.dropout
-        B, T, _ = x.shape
-        keep = torch.ones(B, 1, x.shape[-1], device=x.device)  # the action is never dropped
-        keep[..., : c.z_dim] = torch.bernoulli(keep[..., : c.z_dim] * (1 - p)) / (1 - p)
-        keep_h = torch.bernoulli(x.new_full((B, c.hidden), 1 - p)) / (1 - p)
-        x_gates = (x * keep) @ lstm.weight_ih_l0.t() + lstm.bias_ih_l0  # (B, T, 4H)
-        zeros = x.new_zeros(B, c.hidden)
-        h, cell = (zeros, zeros) if state is None else (state.h, state.c)
-        outs = []
-        for t in range(T):
-            gates = x_gates[:, t] + (h * keep_h) @ lstm.weight_hh_l0.t()
-            gates = gates + lstm.bias_hh_l0  # (B, 4H) in PyTorch's order i, f, g, o
-            i, f, g, o = gates.chunk(4, dim=1)
-            cell = f.sigmoid() * cell + i.sigmoid() * g.tanh()
-            h = o.sigmoid() * cell.tanh()
-            outs.append(h)
-        return torch.stack(outs, dim=1)  # (B, T, hidden)
 
     def loss(self, out: MDNOutput, *targets, **kw) -> dict[str, torch.Tensor]:
         return self.heads.loss(out, *targets, **kw)
@@ -167,33 +133,13 @@ class LSTMStepper:
     def features(self, state: LSTMState) -> torch.Tensor:
         return state.h  # (B, hidden)
 
-    def vary(
-        self, state: LSTMState, rate: float, generator: torch.Generator | None = None
-    ) -> VariedLSTMState:
-        """The same states, each row now running its own thinned M: a dropout mask on z and h
-        (scaled by 1 / (1 - rate); the action is never dropped), kept until the row is reset."""
-        if not 0 <= rate < 1:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-        B, D, A, H = len(state), self.z_dim, self.action_dim, self.feature_dim
-        keep = torch.ones(B, D + A + H, device=self.device)
-        drop = torch.rand(B, D + A + H, generator=generator, device=self.device) < rate
-        drop[:, D : D + A] = False
-        keep = keep.masked_fill_(drop, 0.0) / (1 - rate)
-        keep[:, D : D + A] = 1.0
-        return VariedLSTMState(state.h, state.c, keep)
-
     def observe(self, state: LSTMState, z: torch.Tensor, action: torch.Tensor) -> LSTMState:
         """The state after reading a real (z, action): (B, z_dim), (B, action_dim)."""
-        x = torch.cat([z, action, state.h], dim=-1)  # (B, z + a + H)
-        varied = isinstance(state, VariedLSTMState)
-        if varied:
-            x = x * state.keep
-        gates = torch.addmm(self.b_gates, x.to(self.dtype), self.w_gates.t()).float()  # (B, 4H)
+        x = torch.cat([z, action, state.h], dim=-1).to(self.dtype)  # (B, z + a + H)
+        gates = torch.addmm(self.b_gates, x, self.w_gates.t()).float()  # (B, 4H)
         i, f, o, s = gates.sigmoid_().chunk(4, dim=1)  # (B, H) each; tanh(g) = 2 s - 1
         c = (state.c * f).sub_(i).addcmul_(i, s, value=2.0)  # (B, H) f c + i tanh(g)
         tanh_c = torch.sigmoid(c * 2.0).mul_(2.0).sub_(1.0)  # (B, H)
-        if varied:
-            return VariedLSTMState(o * tanh_c, c, state.keep)
         return LSTMState(o * tanh_c, c)
 
     def step(

@@ -8,7 +8,6 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from gen_core.errors import UserError
 from gen_core.mdn import WorldStep
 from gen_core.mdn_transformer import MDNTransformer, MDNTransformerConfig
 from gen_core.mdnrnn import MDNRNN, MDNRNNConfig
@@ -452,36 +451,6 @@ def test_dream_fitness_is_the_mean_return_under_batch_controller(model, temperat
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
     # More trials: another estimate of the same candidates.
     assert DreamFitness(s, st, spec, cfg, torch.device("cpu"))(params, 5, trials=2).shape == (P,)
-
-
-def test_dream_dropout_gives_each_rollout_its_own_m():
-    """dream.dropout: rollouts from one start under one action differ even in a cold dream
-    (each runs its own draw of M), are the same without it, and a vector env's restarted rows
-    draw new masks. The Transformer M refuses it in one line."""
-    s = build("lstm").stepper()
-    st = starts(s)
-    z, state = st.take(torch.zeros(8, dtype=torch.long))
-    act = lambda z, h: torch.full((len(z), A), 0.5)  # noqa: E731
-    cold = DreamConfig(temperature=0.0, end_threshold=1.0)
-    plain, _ = dream_rollouts(s, act, z, state, 20, cold)
-    assert torch.allclose(plain, plain[:1].expand(8))
-    varied_cfg = DreamConfig(temperature=0.0, end_threshold=1.0, dropout=0.2)
-    varied, _ = dream_rollouts(s, act, z, state, 20, varied_cfg, torch.Generator().manual_seed(0))
-    assert len(set(varied.tolist())) == 8
-    again, _ = dream_rollouts(s, act, z, state, 20, varied_cfg, torch.Generator().manual_seed(0))
-    assert torch.equal(varied, again)  # seeded
-
-    env = DreamVectorEnv(num_envs=3, **kwargs(s, dream=varied_cfg, max_steps=4))
-    env.reset(seed=0)
-    before = env.state.keep.clone()
-    for _ in range(5):  # the 4th step truncates every row; the 5th restarts them
-        env.step(np.full((3, 3), 0.5, np.float32))
-    assert not torch.equal(env.state.keep, before)
-
-    t = build("transformer").stepper()
-    tz, tstate = starts(t).take(torch.zeros(2, dtype=torch.long))
-    with pytest.raises(UserError, match="LSTM M only"):
-        dream_rollouts(t, act, tz, tstate, 3, varied_cfg)
 
 
 def test_ended_dreams_report_their_episode_statistics(model):

@@ -212,9 +212,6 @@ def test_config_checks_and_build_m():
         from_dict(TrainMConfig, {"kind": "transformer", "hidden": 48}).validate()
     with pytest.raises(UserError, match="reward_clip"):
         from_dict(TrainMConfig, {"reward_clip": [1.0, -1.0]}).validate()
-    assert build_m(from_dict(TrainMConfig, {"dropout": 0.05}), Z, A).config.dropout == 0.05
-    with pytest.raises(UserError, match="LSTM M only"):
-        from_dict(TrainMConfig, {"kind": "transformer", "dropout": 0.05}).validate()
 
 
 # ---------------------------------------------------------------------------------- training
@@ -366,16 +363,6 @@ def test_training_with_free_run_lowers_heldout_nll(tmp_path, latents, kind):
         nll.append(load_checkpoint(ckpt_dir(tmp_path)).state["metrics"]["nll"])
     assert np.isfinite(nll[1]) and nll[1] < nll[0]
     assert load_checkpoint(ckpt_dir(tmp_path)).config["free_run"] == 5
-
-
-def test_training_with_dropout_lowers_heldout_nll_and_loads_with_its_rate(tmp_path, latents):
-    nll = []
-    for epochs in (1, 4):
-        assert train_m(cfg_for(tmp_path, epochs=epochs, dropout=0.1)) == 0
-        nll.append(load_checkpoint(ckpt_dir(tmp_path)).state["metrics"]["nll"])
-    assert np.isfinite(nll[1]) and nll[1] < nll[0] - 0.3
-    model, _ = load_m(tmp_path / "m" / "m")
-    assert model.config.dropout == 0.1 and not model.training
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -49,13 +49,6 @@ class DreamConfig:
     end_threshold: float = setting(
         0.5, "M's end probability above which a dreamed episode ends", min=0.0, max=1.0
     )
-    dropout: float = setting(
-        0.0,
-        "M's dropout kept on while dreaming: each rollout draws its own mask at its start, so "
-        "C meets a different M every rollout (Dropout's Dream Land: 0.1; LSTM M; 0: off)",
-        min=0.0,
-        max=0.9,
-    )
 
 
 @dataclass
@@ -120,16 +113,6 @@ class DreamStarts:
         return cls.from_steps(model, z, a)
 
 
-def begin_dream(
-    model: StepModel, state: BatchState, dream: DreamConfig, generator=None
-) -> BatchState:
-    """M's state as dreams start from it: with `dream.dropout`, each row's own draw of M from
-    here on (`StepModel.vary`); otherwise unchanged. Every dream calls this once per start."""
-    if dream.dropout > 0:
-        return model.vary(state, dream.dropout, generator)
-    return state
-
-
 @torch.no_grad()
 def dream_rollouts(
     model: StepModel,
@@ -143,9 +126,7 @@ def dream_rollouts(
     """Total predicted reward (B,) of a batch of dream rollouts from (z (B, z_dim), state), all
     advanced together, and whether each ended (B,) bool: M's end probability passed
     `dream.end_threshold` within `steps` (the last step included). A rollout stops collecting
-    reward at its end. With `dream.dropout` each rollout runs its own draw of M (`vary`).
-    `policy(z, features) -> actions (B, A)`."""
-    state = begin_dream(model, state, dream, generator)
+    reward at its end. `policy(z, features) -> actions (B, A)`."""
     total = torch.zeros(len(z), device=z.device)  # (B,)
     alive = torch.ones(len(z), device=z.device)  # (B,) 1.0 while collecting reward
     for _ in range(steps):
@@ -221,8 +202,7 @@ class DreamVectorEnv(VectorEnv):
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(0)
-        self.z, state = self.starts.take(torch.zeros(num_envs, dtype=torch.long))
-        self.state = begin_dream(model, state, self.dream, self._generator)  # rows' own M
+        self.z, self.state = self.starts.take(torch.zeros(num_envs, dtype=torch.long))
         self.t = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
         self._return = np.zeros(num_envs)  # this episode's dream reward so far
@@ -238,7 +218,6 @@ class DreamVectorEnv(VectorEnv):
             return
         picks = self.np_random.integers(0, len(self.starts), size=len(idx))
         z, state = self.starts.take(torch.as_tensor(picks, device=self.device))
-        state = begin_dream(self.model, state, self.dream, self._generator)
         where = torch.as_tensor(idx, device=self.device)
         self.z[where] = z
         self.state.put(where, state)

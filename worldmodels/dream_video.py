@@ -21,7 +21,7 @@ from gen_core.errors import UserError
 from gen_core.runs import RunConfig, start_run
 from gen_core.vae import images_to_float, images_to_uint8
 from rollouts.store import EpisodeStore
-from worldmodels.dream import DreamConfig, DreamStarts, begin_dream
+from worldmodels.dream import DreamConfig, DreamStarts
 from worldmodels.layout import RunLayout
 from worldmodels.models import load_m, load_vae
 from worldmodels.video import framed, write_gif
@@ -56,7 +56,7 @@ def dream_frames(
     stepper = m.stepper()
     begin = DreamStarts.from_steps(stepper, mu[None, first : start + 1], a[None, first:start])
     g = torch.Generator().manual_seed(seed)
-    z, state, dreamed = begin.z, begin_dream(stepper, begin.state, dream, g), []
+    z, state, dreamed = begin.z, begin.state, []
     for t in range(start, n):  # under the episode's own actions, past any dreamed end
         dreamed.append(z)
         s = stepper.step(state, z, a[t : t + 1], dream.temperature, g)

@@ -47,7 +47,7 @@ from gen_core.mdn import StepModel
 from gen_core.plots import scatter_chart
 from gen_core.runs import RunConfig, cores, progress, start_run
 from rollouts.policies import CorrelatedRandomPolicy, make_policy
-from worldmodels.dream import DreamConfig, DreamStarts, begin_dream, dream_rollouts
+from worldmodels.dream import DreamConfig, DreamStarts, dream_rollouts
 from worldmodels.layout import RunLayout
 from worldmodels.video import framed
 
@@ -550,7 +550,6 @@ def policy_strip(
     )
     z, state = start.z.repeat(dreams, 1), start.state.repeat_interleave(dreams)  # (dreams, .)
     g = torch.Generator().manual_seed(dream_seed)
-    state = begin_dream(model, state, dream, g)
     act = dream_policy(
         policy, dreams, env.action_space, g, [dream_seed * 1000 + i for i in range(dreams)]
     )
@@ -626,7 +625,7 @@ def open_loop_errors(
     done = np.stack([ep["done"][t0 : t0 + H] for ep, t0 in rows])  # (B, H)
     start = DreamStarts.from_steps(model, z_real[:, : context + 1], acts[:, :context])
     g = torch.Generator().manual_seed(seed)
-    z, state = start.z, begin_dream(model, start.state, dream, g)
+    z, state = start.z, start.state
     z_err, r_err, d_acc = [], [], []
     for k in range(H):
         s = model.step(state, z, acts[:, context + k], dream.temperature, g)

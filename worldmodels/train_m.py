@@ -93,13 +93,6 @@ class TrainMConfig(RunConfig):
         "scale of V's posterior std in the z M reads (1: World Models' draw; 0: V's mean)",
         min=0.0,
     )
-    dropout: float = setting(
-        0.0,
-        "LSTM M: drop rate of z and h while training, one mask per sequence (Dropout's Dream "
-        "Land: 0.05, with dream.dropout 0.1 kept on while dreaming; 0: off)",
-        min=0.0,
-        max=0.9,
-    )
     free_run: int = setting(
         0,
         "a second pass per batch on windows of this many steps in which M reads its own draws, "
@@ -118,8 +111,6 @@ class TrainMConfig(RunConfig):
             raise UserError(
                 f"reward_clip: expected [] or [low, high] with low < high, got {self.reward_clip}"
             )
-        if self.kind == "transformer" and self.dropout > 0:
-            raise UserError("dropout: built for the LSTM M only (kind=lstm)")
         if self.kind == "transformer" and self.hidden > 32 and self.hidden % 32:
             raise UserError(
                 f"hidden: the Transformer's width is heads of 32, so a multiple of 32 (or at "
@@ -133,9 +124,7 @@ class TrainMConfig(RunConfig):
 def build_m(cfg: TrainMConfig, z_dim: int, action_dim: int) -> torch.nn.Module:
     """A fresh M of `cfg.kind` for latents of z_dim and actions of action_dim."""
     if cfg.kind == "lstm":
-        return MDNRNN(
-            MDNRNNConfig(z_dim, action_dim, cfg.hidden, cfg.n_mixtures, dropout=cfg.dropout)
-        )
+        return MDNRNN(MDNRNNConfig(z_dim, action_dim, cfg.hidden, cfg.n_mixtures))
     return MDNTransformer(
         MDNTransformerConfig(
             z_dim=z_dim,
