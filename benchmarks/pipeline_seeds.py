@@ -80,20 +80,16 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     }
 
     # Real env steps spent on the recipe: every stored frame transition (collection, and the
-    # iterative loop's agent episodes), plus every real check of the CMA-ES mean, in every draw
-    # of M and C (`draws`), kept or not.
+    # iterative loop's agent episodes), plus every real check of the CMA-ES mean.
     store = EpisodeStore(layout.store)
     collected = sum(int(ep["length"]) for _, ep in store.iter_episodes(keys=("length",)))
-    drawn = [(r, j) for r in range(k + 1) for j in range(cfg.draws)]
-    c_cfgs = [checkpoint_config(layout.controller_checkpoints(r, j)) for r, j in drawn]
-    every = [read_scalars(layout.controller(r, j) / TB) for r, j in drawn]
+    c_cfgs = [checkpoint_config(layout.controller_checkpoints(r)) for r in range(k + 1)]
+    curves = [read_scalars(layout.controller(r) / TB) for r in range(k + 1)]
     checks = sum(
         len(c.get("controller/return_of_mean_params", ([], []))[0]) * cc["eval_trials"]
         * cc["max_steps"]
-        for c, cc in zip(every, c_cfgs)
+        for c, cc in zip(curves, c_cfgs)
     )  # fmt: skip
-    curves = [read_scalars(layout.controller(r) / TB) for r in range(k + 1)]  # the kept draws'
-    kept_draws = [layout.kept_draw(r) for r in range(k + 1)]
     evaluation = sum(s["episodes"] * s["max_steps"] for s in scores.values())
 
     folder = out / f"seed{seed}"
@@ -137,8 +133,6 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         "controller_dream_return": controller_row["dream_mean"],
         "controller_real_return": controller_row["real_mean"],
         "controller": str(ckpt),
-        "draws": cfg.draws,
-        "kept_draws": kept_draws,
     }
 
 

@@ -1,5 +1,4 @@
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -181,15 +180,3 @@ def test_run_layout_names_rounds_and_finds_the_last(tmp_path):
     layout.controller(3).mkdir()  # no checkpoints yet: round 3 is not finished
     (tmp_path / "r" / "controller_iterx" / "checkpoints").mkdir(parents=True)
     assert layout.last_round() == 2
-
-
-def test_run_layout_names_draws_and_follows_the_kept_one(tmp_path):
-    layout = RunLayout(tmp_path / "r")
-    assert layout.m(0, 2).name == "m_d2" and layout.controller(1, 1).name == "controller_iter1_d1"
-    assert layout.m(0) == layout.m(0, 0) and layout.kept_draw(0) == 0  # no record: draw 0
-    layout.pipeline.mkdir(parents=True)
-    layout.draws.write_text(json.dumps({"1": {"kept": 2, "scored_returns": [1.0, 0.0, 3.0]}}))
-    assert layout.controller_checkpoints(1) == layout.controller(1, 2) / "checkpoints"
-    assert layout.m(1).name == "m_iter1_d2" and layout.m(0).name == "m"
-    layout.controller_checkpoints(1, 2).mkdir(parents=True)  # a draw is not a round
-    assert layout.last_round() == 0

@@ -12,6 +12,7 @@ from worldmodels.cli import main as wm
 from worldmodels.evolve import load_search_history
 from worldmodels.latents import LatentStore
 from worldmodels.layout import RunLayout
+from worldmodels.real_env import eval_seeds
 
 TINY = """
 run_name: e2e
@@ -181,37 +182,20 @@ def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
     assert (tmp_path / "fidelity_real_cache.json").exists()
 
 
-def test_pipeline_draws_keep_the_controller_whose_mean_scored_best(tmp_path):
-    """draws=2: M and C twice on the same data and V (seeds 1 and 1001); the round keeps the
-    draw whose kept mean scored best on its real checks, and evaluate scores that one."""
+def test_pipeline_scores_the_controller_anew_when_the_score_on_disk_is_anothers(tmp_path):
+    """evaluate records which controller it scored; a score of another controller (e.g. one
+    evolved again elsewhere) is not taken for this run's."""
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, ") + "draws: 2\n")
-    assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]) == 0
-    run = tmp_path / "e2e"
-    layout = RunLayout(run)
-    scored = [
-        float(load_checkpoint(layout.controller_checkpoints(0, j)).state["scored_return"])
-        for j in (0, 1)
-    ]
-    assert load_checkpoint(run / "m_d1" / "checkpoints").config["seed"] == 1001
-    assert load_checkpoint(run / "m" / "checkpoints").config["seed"] == 1
-    record = json.loads(layout.draws.read_text())["0"]
-    assert record["kept"] == int(np.argmax(scored))
-    assert record["scored_returns"] == [round(r, 2) for r in scored]
-    evaluated = (run / "evaluate" / "config.yaml").read_text()
-    assert str(layout.controller_checkpoints(0, record["kept"])) in evaluated
-    assert f"draw {record['kept']} of 2" in (run / "report" / "report.md").read_text()
-    score = json.loads(layout.score("controller").read_text())
-    assert score["controller"] == str(layout.controller_checkpoints(0, record["kept"]))
-    # Another draw kept later (here: a record that names the other one) is scored anew.
-    other = 1 - record["kept"]
-    layout.draws.write_text(json.dumps({"0": {"kept": other, "scored_returns": [0, 0]}}))
+    cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, "))
     args = ["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]
-    assert wm([*args, "draws=1"]) == 0  # one draw: round 0 keeps draw 0 again
+    assert wm(args) == 0
+    layout = RunLayout(tmp_path / "e2e")
     score = json.loads(layout.score("controller").read_text())
-    assert (
-        score["controller"] == str(layout.controller_checkpoints(0, 0)) and layout.kept_draw(0) == 0
-    )
-    # Choosing by dream checks (or none) would choose by the dream: refused in one line.
-    bad = ["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "controller.eval_in=dream"]
-    assert wm(bad) == 2
+    assert score["controller"] == str(layout.controller_checkpoints())
+    assert score["seeds"] == eval_seeds(1, 2)
+    layout.score("controller").write_text(json.dumps(score | {"controller": "elsewhere"}))
+    assert wm(args) == 0
+    rescored = json.loads(layout.score("controller").read_text())
+    assert rescored["controller"] == str(layout.controller_checkpoints())
+    log = (layout.evaluate / "log.txt").read_text()
+    assert log.count("evaluate controller:") == 2  # scored twice: first run and the rerun

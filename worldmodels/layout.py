@@ -10,23 +10,17 @@
     dream/                      wm dream-video's GIFs
     controller/                 C (wm train-controller): checkpoints/
     m_iterK/, controller_iterK/ round K of World Models' iterative loop (wm pipeline iterations)
-    m_dJ/, controller_dJ/       draw J >= 1 of M and C on the same data (wm pipeline draws)
     evaluate/<name>/            wm evaluate: score.json, episode.gif
     fidelity/<name>/            wm fidelity
-    pipeline/                   wm pipeline's log and resolved config; draws.json: which draw of
-                                M and C each round kept
+    pipeline/                   wm pipeline's log and resolved config
     report/                     wm pipeline's report.md, score.json and charts
 
 Every stage folder also holds its config.yaml, log.txt and TensorBoard's tb/ (gen_core.runs).
-Round 0 is the first pass (`m`, `controller`); round K >= 1 adds `_iterK` to both folders, and
-draw J >= 1 adds `_dJ` after that. `m(k)` and `controller(k)` without a draw are the draw the
-pipeline kept (draws.json; draw 0 where there is none), so every reader of "the run's M and C"
-follows the pipeline's choice.
+Round 0 is the first pass (`m`, `controller`); round K >= 1 adds `_iterK` to both folders.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,19 +31,16 @@ from rollouts.store import STORE_FOLDER
 M_FOLDER = "m"
 CONTROLLER_FOLDER = "controller"
 ROUND_SUFFIX = "_iter"  # round K >= 1 of the iterative loop: "<folder>_iterK"
-DRAW_SUFFIX = "_d"  # draw J >= 1 of M and C in a round: "<round folder>_dJ"
-DRAWS = "draws.json"  # in the pipeline's folder: the draw kept in each round
 CHECKPOINTS = "checkpoints"  # a training stage's checkpoints, inside its folder
 TB = "tb"  # TensorBoard scalars, inside a stage's folder
 CONFIG = "config.yaml"  # a stage's resolved config, inside its folder
 SCORE = "score.json"  # wm evaluate's and the report's figures
 
 
-def _round_folder(folder: str, k: int, draw: int = 0) -> str:
-    if k < 0 or draw < 0:
-        raise ValueError(f"round and draw must be >= 0, got {k}, {draw}")
-    name = f"{folder}{ROUND_SUFFIX}{k}" if k else folder
-    return f"{name}{DRAW_SUFFIX}{draw}" if draw else name
+def _round_folder(folder: str, k: int) -> str:
+    if k < 0:
+        raise ValueError(f"round must be >= 0, got {k}")
+    return f"{folder}{ROUND_SUFFIX}{k}" if k else folder
 
 
 @dataclass(frozen=True)
@@ -98,33 +89,19 @@ class RunLayout:
     def vae_checkpoints(self) -> Path:
         return self.vae / CHECKPOINTS
 
-    def m(self, k: int = 0, draw: int | None = None) -> Path:
-        """M's folder of round `k` (0: the first pass), draw `draw` (None: the kept one)."""
-        return self.root / _round_folder(M_FOLDER, k, self._draw(k, draw))
+    def m(self, k: int = 0) -> Path:
+        """M's folder of round `k` (0: the first pass)."""
+        return self.root / _round_folder(M_FOLDER, k)
 
-    def m_checkpoints(self, k: int = 0, draw: int | None = None) -> Path:
-        return self.m(k, draw) / CHECKPOINTS
+    def m_checkpoints(self, k: int = 0) -> Path:
+        return self.m(k) / CHECKPOINTS
 
-    def controller(self, k: int = 0, draw: int | None = None) -> Path:
-        """C's folder of round `k` (0: the first pass), draw `draw` (None: the kept one)."""
-        return self.root / _round_folder(CONTROLLER_FOLDER, k, self._draw(k, draw))
+    def controller(self, k: int = 0) -> Path:
+        """C's folder of round `k` (0: the first pass)."""
+        return self.root / _round_folder(CONTROLLER_FOLDER, k)
 
-    def controller_checkpoints(self, k: int = 0, draw: int | None = None) -> Path:
-        return self.controller(k, draw) / CHECKPOINTS
-
-    @property
-    def draws(self) -> Path:
-        """The pipeline's record of the draw kept in each round (absent: one draw each)."""
-        return self.pipeline / DRAWS
-
-    def kept_draw(self, k: int = 0) -> int:
-        """The draw of M and C the pipeline kept in round `k` (0 without a record)."""
-        if not self.draws.is_file():
-            return 0
-        return int(json.loads(self.draws.read_text()).get(str(k), {}).get("kept", 0))
-
-    def _draw(self, k: int, draw: int | None) -> int:
-        return self.kept_draw(k) if draw is None else draw
+    def controller_checkpoints(self, k: int = 0) -> Path:
+        return self.controller(k) / CHECKPOINTS
 
     def last_round(self) -> int:
         """The run's last finished round of the iterative loop (0: none beyond the first pass).

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gen_core.checkpoint import load_checkpoint
 from gen_core.config import ConfigError, from_dict, merge, setting, to_dict
 from gen_core.io import atomic_write_text
 from gen_core.plots import line_chart, read_scalars
@@ -28,8 +27,6 @@ from gen_core.runs import RunConfig, start_run
 from worldmodels.dream import DreamConfig
 from worldmodels.layout import CONFIG, TB, RunLayout
 from worldmodels.stages import SECTIONS, stage_of_section
-
-DRAW_SEED_STEP = 1000  # draw j of M and C runs at seed + 1000 j
 
 BASELINES = {
     "random": {"policy": "uniform"},
@@ -62,13 +59,6 @@ class PipelineConfig(RunConfig):
     iterations: int = setting(
         0, "rounds of collect-agent -> encode -> train M -> train-controller", min=0
     )
-    draws: int = setting(
-        1,
-        "independent draws of M and C per round on the same data and V (seeds seed, seed + "
-        "1000, ...); the round keeps the controller whose kept mean scored best on its real "
-        "checks (CMA-ES's candidates are still scored only in the dream)",
-        min=1,
-    )
     evaluate: dict[str, Any] = _section("evaluate", " (the controller and baselines)")
     baselines: bool = setting(True, "also score uniform random actions and constant full gas")
     fidelity: dict[str, Any] = _section("fidelity", " (checked here; the pipeline does not run it)")
@@ -79,12 +69,6 @@ class PipelineConfig(RunConfig):
         # benchmarks/dream_fidelity.py read that section of the same file.
         for section in SECTIONS:
             self.stage_config(section)
-        c = self.stage_config("controller")
-        if self.draws > 1 and not (c.eval_every and c.eval_in == "real"):
-            raise ConfigError(
-                "draws: choosing between draws needs real checks of the CMA-ES mean "
-                "(controller.eval_every >= 1 and controller.eval_in: real)"
-            )
 
     def shared(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)}
@@ -99,25 +83,6 @@ class PipelineConfig(RunConfig):
             return from_dict(cls, merge(shared, {**getattr(self, section), **extra}))
         except ConfigError as err:
             raise ConfigError(f"{section}.{err}") from None
-
-
-def keep_best_draw(layout: RunLayout, k: int, draws: int, log) -> int:
-    """Record (layout.draws) and return the draw of round `k` whose controller's kept mean
-    scored best on its real checks."""
-    scored = [
-        float(load_checkpoint(layout.controller_checkpoints(k, j)).state["scored_return"])
-        for j in range(draws)
-    ]
-    kept = max(range(draws), key=lambda j: scored[j])
-    record = json.loads(layout.draws.read_text()) if layout.draws.is_file() else {}
-    record[str(k)] = {"kept": kept, "scored_returns": [round(r, 2) for r in scored]}
-    atomic_write_text(layout.draws, json.dumps(record, indent=2) + "\n")
-    log.info(
-        f"pipeline: round {k} keeps draw {kept} (real checks of the kept means: "
-        + ", ".join(f"{r:.1f}" for r in scored)
-        + ")"
-    )
-    return kept
 
 
 def _last_per_step(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
@@ -197,15 +162,6 @@ def write_report(cfg: PipelineConfig, scores: dict[str, dict], wall_time: float,
     for name, s in scores.items():
         lines.append(f"| {name} | {s['mean']:.1f} | {s['std']:.1f} | {s['episodes']} |")
     lines.append("")
-    if cfg.draws > 1:
-        drawn = json.loads(layout.draws.read_text())[str(k)]
-        lines += [
-            f"The controller is draw {drawn['kept']} of {cfg.draws} independent draws of M and C"
-            f" (seeds seed + {DRAW_SEED_STEP} j); the real checks of their kept means: "
-            + ", ".join(f"{r:.1f}" for r in drawn["scored_returns"])
-            + ". The charts are the kept draw's.",
-            "",
-        ]
     for title, png in charts:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
@@ -240,17 +196,11 @@ def main(cfg: PipelineConfig) -> int:
                 controller=str(layout.controller_checkpoints(k - 1)),
             )
             stage("encode")
-        for j in range(cfg.draws):
-            seed = cfg.seed + DRAW_SEED_STEP * j
-            m = str(layout.m_checkpoints(k, j))
-            stage("m", out_name=layout.m(k, j).name, seed=seed)
-            if not k and not j:
-                stage("dream_video", m=m)
-            stage("controller", out_name=layout.controller(k, j).name, m=m, seed=seed)
-        if cfg.draws > 1:
-            keep_best_draw(layout, k, cfg.draws, log)
-        elif layout.kept_draw(k):  # a record of an earlier invocation with more draws
-            keep_best_draw(layout, k, 1, log)
+        m = str(layout.m_checkpoints(k))
+        stage("m", out_name=layout.m(k).name)
+        if not k:
+            stage("dream_video", m=m)
+        stage("controller", out_name=layout.controller(k).name, m=m)
 
     scores = {}
     policies = {"controller": {}} | (BASELINES if cfg.baselines else {})
@@ -263,7 +213,7 @@ def main(cfg: PipelineConfig) -> int:
         score = layout.score(name)
         scored = json.loads(score.read_text()).get("controller") if score.exists() else None
         if not score.exists() or (name == "controller" and scored != extra["controller"]):
-            stage("evaluate", name=name, **extra)  # not scored yet, or another draw was
+            stage("evaluate", name=name, **extra)  # not scored yet, or another controller was
         scores[name] = json.loads(layout.score(name).read_text())
     out = write_report(cfg, scores, time.perf_counter() - t0, cfg.iterations)
     log.info(
