@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from gen_core.errors import UserError
-from worldmodels.controller import BatchController, ControllerSpec, controller_obs, start_params
+from worldmodels.controller import BatchController, ControllerSpec, controller_obs
 from worldmodels.evolve import ESSettings, evolve, load_controller_params
 from worldmodels.models import check_controller_spec, controller_model_spec, load_controller
 
@@ -32,18 +32,6 @@ def test_batched_population_equals_one_at_a_time():
     for p in range(3):
         single = BatchController(params[p], spec)(controller_obs(z[p : p + 1], h[p : p + 1], spec))
         assert torch.allclose(single[0], batched[p], atol=1e-6)
-
-
-def test_start_params_take_the_action_whatever_the_controller_sees():
-    spec = ControllerSpec(z_dim=4, hidden=6)
-    for action in ([0.0, 0.2, 0.0], [-0.3, 0.9, 0.4]):
-        ctrl = BatchController(torch.from_numpy(start_params(spec, action)).float(), spec)
-        a = ctrl(torch.randn(1, 5, spec.in_dim) * 10)[0]  # (5, 3)
-        torch.testing.assert_close(a, torch.tensor([action] * 5), atol=1e-6, rtol=0)
-    assert not start_params(ControllerSpec(), [0.0, 0.5, 0.0]).any()  # World Models' zeros
-    for bad in ([0.0, 1.0, 0.0], [0.0, 0.5, -0.1], [0.0, 0.5]):
-        with pytest.raises(ValueError):
-            start_params(spec, bad)
 
 
 def test_z_only_variant():
@@ -126,20 +114,3 @@ def test_check_controller_spec_against_v_and_m():
         with pytest.raises(UserError, match="^ctrl/x: the controller reads .* V and M give") as err:
             check_controller_spec(loaded, agent, "ctrl/x")
         assert "\n" not in str(err.value)
-
-
-def test_train_controller_starts_cma_es_at_start_action(tmp_path, capsys):
-    from tiny_run import make_tiny_run
-
-    from gen_core.checkpoint import load_checkpoint
-    from worldmodels.cli import main as wm
-
-    run = make_tiny_run(tmp_path)
-    common = [f"runs_dir={tmp_path}", "run_name=tiny", "progress=false", "threads=1",
-              "mode=dream", "population=4", "trials=2", "generations=1", "dream_steps=10",
-              "start_states=8", "eval_every=0", "dream.warmup=3", "out_name=slow"]  # fmt: skip
-    assert wm(["train-controller", *common, "start_action=[0, 0.2, 0]"]) == 0
-    x0 = load_checkpoint(run / "slow" / "checkpoints").state["es_settings"]["x0"].numpy()
-    np.testing.assert_allclose(x0, start_params(ControllerSpec(z_dim=4, hidden=8), [0, 0.2, 0]))
-    assert wm(["train-controller", *common, "out_name=bad", "start_action=[0, 1.5, 0]"]) == 2
-    assert "start_action: action [0.0, 1.5, 0.0] is not inside" in capsys.readouterr().err

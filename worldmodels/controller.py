@@ -49,23 +49,6 @@ def squash_actions(raw: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown squash {mode!r}")
 
 
-def start_params(spec: ControllerSpec, action: list[float]) -> np.ndarray:
-    """Flat params (n_params,) of the controller that takes `action` whatever it sees: zero
-    weights, biases that squash to `action` (a start point for CMA-ES)."""
-    a = np.asarray(action, dtype=np.float64)
-    if a.shape != (spec.action_dim,):
-        raise ValueError(f"expected {spec.action_dim} action values, got {list(action)}")
-    t = a.copy()  # tanh of the bias
-    if spec.squash == "carracing":
-        t[1] = 2.0 * a[1] - 1.0  # gas = (tanh + 1) / 2
-        # brake = clip(tanh, 0, 1): brake 0 from bias 0
-    if np.any(np.abs(t) >= 1.0) or (spec.squash == "carracing" and a[2] < 0):
-        raise ValueError(f"action {list(action)} is not inside the squashed ranges")
-    flat = np.zeros(spec.n_params)
-    flat[spec.in_dim * spec.action_dim :] = np.arctanh(t)
-    return flat
-
-
 def split_params(flat: torch.Tensor, spec: ControllerSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat params (..., n_params) -> weight (..., in_dim, A) and bias (..., A)."""
     n_w = spec.in_dim * spec.action_dim

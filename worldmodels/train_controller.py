@@ -23,13 +23,7 @@ from gen_core.errors import UserError
 from gen_core.runs import RunConfig, cores, resolve_device, start_run
 from rollouts.parallel import ActorPool
 from worldmodels.agent import load_agent_parts
-from worldmodels.controller import (
-    BatchController,
-    ControllerSpec,
-    controller_obs,
-    squash_actions,
-    start_params,
-)
+from worldmodels.controller import BatchController, ControllerSpec, controller_obs, squash_actions
 from worldmodels.dream import DreamConfig, DreamStarts, dream_returns
 from worldmodels.evolve import ESSettings, evolve
 from worldmodels.latents import LatentStore
@@ -52,11 +46,6 @@ class TrainControllerConfig(RunConfig):
     population: int = setting(64, "CMA-ES population size", min=2)
     sigma0: float = setting(0.1, "CMA-ES initial step size", min=0.0, min_inclusive=False)
     generations: int = setting(100, "generations to evolve", min=1)
-    start_action: list[float] = setting(
-        [],
-        "the action CMA-ES's first mean takes, whatever it sees (zero weights, biases that give "
-        "it), e.g. [0, 0.2, 0] for slow driving; []: all-zero parameters (steer 0, gas 0.5)",
-    )
     trials: int = setting(16, "rollouts per candidate per generation (its mean return)", min=1)
     eval_every: int = setting(5, "score the mean parameters every this many gens (0: never)", min=0)
     eval_trials: int = setting(8, "episodes scoring the mean parameters", min=1)
@@ -141,11 +130,6 @@ def main(cfg: TrainControllerConfig) -> int:
         f"x {cfg.trials} trials, {cfg.generations} generations, M {type(m).__name__}"
     )
 
-    try:
-        x0 = start_params(spec, cfg.start_action) if cfg.start_action else None
-    except ValueError as err:
-        raise UserError(f"start_action: {err}") from None
-
     pool = None
     if cfg.mode == "real" or (cfg.eval_every and cfg.eval_in == "real"):
         pool = ActorPool(
@@ -184,7 +168,7 @@ def main(cfg: TrainControllerConfig) -> int:
         result = evolve(
             spec.n_params,
             fitness,
-            ESSettings(cfg.population, cfg.sigma0, cfg.generations, cfg.eval_every, cfg.seed, x0),
+            ESSettings(cfg.population, cfg.sigma0, cfg.generations, cfg.eval_every, cfg.seed),
             run.dir / "checkpoints",
             to_dict(cfg),
             run=run,
