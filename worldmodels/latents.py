@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from gen_core.errors import UserError
 from gen_core.io import atomic_write_text
 from rollouts.store import CorruptEpisodeError, EpisodeFolder
 
@@ -68,3 +69,13 @@ class LatentStore(EpisodeFolder):
                 f"{path}: corrupt latent episode, {len(data['mu'])} latents for "
                 f"{len(data['actions'])} actions"
             )
+
+
+def dream_episodes(path) -> list[dict[str, np.ndarray]]:
+    """The encoded episodes (`mu`, `actions`) of the latent store at `path`, that dreams start
+    from; one line for the user when there are none."""
+    latents = LatentStore(path)
+    episodes = [ep for _, ep in latents.iter_episodes(keys=("mu", "actions"))]
+    if not episodes:
+        raise UserError(f"{latents.path}: no encoded episodes; run 'wm encode' first")
+    return episodes

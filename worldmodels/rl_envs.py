@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gen_core.errors import UserError
 from rollouts.recording import make_env
 from rollouts.store import open_store
 from worldmodels.agent import load_agent_parts
 from worldmodels.dream import DreamConfig, DreamStarts
-from worldmodels.latents import LatentStore
+from worldmodels.latents import dream_episodes
 from worldmodels.layout import RunLayout
 
 
@@ -45,10 +44,7 @@ def dream_from_run(
     parts = load_agent_parts(layout.vae_checkpoints, layout.m_checkpoints(k), layout.store)
     vae, m, _, _ = parts
     dream = dream or DreamConfig()
-    latents = LatentStore(layout.latents)
-    episodes = [ep for _, ep in latents.iter_episodes(keys=("mu", "actions"))]
-    if not episodes:
-        raise UserError(f"{latents.path}: no encoded episodes; run 'wm encode' first")
+    episodes = dream_episodes(layout.latents)
     stepper = m.stepper()
     starts = DreamStarts.from_episodes(
         stepper, episodes, start_states, dream.warmup, max_start, seed

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from gen_core.config import setting, to_dict
-from gen_core.errors import UserError
 from gen_core.runs import RunConfig, cores, resolve_device, start_run
 from rollouts.parallel import ActorPool
 from worldmodels.agent import load_agent_parts
 from worldmodels.controller import BatchController, ControllerSpec, controller_obs, squash_actions
 from worldmodels.dream import DreamConfig, DreamStarts, dream_returns
 from worldmodels.evolve import ESSettings, evolve
-from worldmodels.latents import LatentStore
+from worldmodels.latents import dream_episodes
 from worldmodels.layout import RunLayout
 from worldmodels.models import controller_model_spec
 from worldmodels.real_env import RealEnvWorker
@@ -140,10 +139,7 @@ def main(cfg: TrainControllerConfig) -> int:
         )
     dream = None
     if cfg.mode == "dream" or cfg.eval_in == "dream":
-        latents = LatentStore(cfg.latents or layout.latents)
-        episodes = [ep for _, ep in latents.iter_episodes(keys=("mu", "actions"))]
-        if not episodes:
-            raise UserError(f"{latents.path}: no encoded episodes; run 'wm encode' first")
+        episodes = dream_episodes(cfg.latents or layout.latents)
         stepper = m.to(device).stepper()
         starts = DreamStarts.from_episodes(
             stepper, episodes, cfg.start_states, cfg.dream.warmup, cfg.max_start, cfg.seed
