@@ -14,16 +14,27 @@ wide, block 64, batch 12, no dropout) one after the other:
   uint16 np.memmap, its learning-rate schedule, gradient clipping, `loss.item()` every
   iteration as log_interval=1 does), with nanoGPT's exact setting.
 
-Tokens/s count optimiser steps only (evaluation every 250 iterations is left out of all three);
+Tokens/s count optimiser steps only (evaluation every 250 iterations is left out of all);
 `train_speed_ratio` is project_exact / nanogpt (1.0 or more: the project trains at least as
 fast). Noise on a shared machine is not the same across the runs, which is why they run in one
 process, back to back, with the same threads.
 
+A fourth training, project_rotary, is the committed config with `positions=rotary` (RoFormer
+rotations in place of the learned position table); it takes its turns with the other three.
+
 Sampling: tokens/s for 1,000 new tokens after a 6-token prompt with and without the KV cache,
-each timed `--repeats` times alternately and the best kept, on the trained model (window 64:
-past it the window slides, and with learned positions every cached key changes, so both
-samplers recompute the window; see gen_core/transformer.py) and on an untrained model of the
-same width with a 1,024-token window, where all 1,000 tokens fit and the cache saves most.
+each timed `--repeats` times alternately and the best kept:
+
+* on the trained model of the committed config (learned positions, window 64): past the window
+  it slides, and with learned positions every cached key changes, so both samplers recompute the
+  window (gen_core/transformer.py) and the cache saves only inside the first window;
+* on the trained rotary model (window 64): past the window the cache is a ring and each token
+  costs one position. Timed against two samplers without a cache: nanoGPT's (each token
+  recomputes the last 64 tokens: `rotary_kv_cache_speedup`) and the toolkit's exact one (it
+  recomputes the 253 tokens that reach the next one through 4 layers of 64-token windows, so it
+  gives the cache's tokens: `rotary_kv_cache_speedup_exact`);
+* on an untrained model of the same width with a 1,024-token window, where all 1,000 tokens fit
+  and the cache saves most.
 
 The last line printed is one JSON object. Timings on a shared machine are noisy: other jobs
 running at the same time can slow any figure down.
@@ -345,6 +356,28 @@ def cache_speedup(model: Transformer, prompt: torch.Tensor, n: int, repeats: int
     }
 
 
+def nanogpt_sample_tps(model: Transformer, prompt: torch.Tensor, n: int) -> float:
+    """Tokens/s of nanoGPT's `generate`: no cache, each token recomputes the last block_size."""
+    gen = torch.Generator().manual_seed(0)
+    block, idx = model.config.block_size, prompt
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(n):
+            x = model.hidden(idx[:, -block:])  # (1, <= block, C)
+            logits = model.lm_head(x[:, -1, :]) / 0.8  # (1, V)
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)  # (1, 1)
+            idx = torch.cat((idx, nxt), dim=1)
+    return n / (time.perf_counter() - t0)
+
+
+def rotary_speedup(model: Transformer, prompt: torch.Tensor, n: int, repeats: int) -> dict:
+    """The ring cache against nanoGPT's sampler and the exact one, alternately, best kept."""
+    out = cache_speedup(model, prompt, n, repeats)
+    out["nanogpt"] = max(nanogpt_sample_tps(model.eval(), prompt, n) for _ in range(repeats))
+    out["speedup_nanogpt"] = out["cache"] / out["nanogpt"]
+    return out
+
+
 class ProjectRun:
     """`wm gen train-text`'s `main` on the config with `overrides`, a chunk of iterations at a
     time: each call resumes the run from its checkpoint (RNG, optimiser and data order as if it
@@ -375,24 +408,29 @@ def main_benchmark(args) -> dict:
         exact = ["lr=1e-3", "min_lr=1e-4"]  # nanoGPT's; the committed config uses 2e-3, 2e-4
         p_exact = ProjectRun(tmp, "exact", iters, [*exact, *args.overrides])
         p_config = ProjectRun(tmp, "config", iters, args.overrides)
+        p_rotary = ProjectRun(tmp, "rotary", iters, ["positions=rotary", *args.overrides])
         tokenizer, tokens = read_tokens(DATA, base.tokenizer)
         nano = NanoGPTRun(tokens.numpy(), tokenizer.vocab_size, iters, Path(tmp))
-        # the three take turns, a chunk of iterations each, so that a change in the machine's
+        # the four take turns, a chunk of iterations each, so that a change in the machine's
         # load during the benchmark falls on all of them alike
         for k in range(1, args.chunks + 1):
             until = iters * k // args.chunks
             p_exact.run(until)
             nano.run(until)
             p_config.run(until)
+            p_rotary.run(until)
         s_exact, summary, n_sum = p_exact.summary, p_config.summary, nano.summary()
         cfg = p_config.cfg
         model, tokenizer, _ = load_text_model(summary["checkpoint"], "cpu")
         _, val = split_tokens(tokens, cfg.val_fraction, cfg.block_size)
         val_full = full_val_loss(model, val, cfg.block_size)
+        rot_model, _, _ = load_text_model(p_rotary.summary["checkpoint"], "cpu")
 
     prompt = torch.tensor([tokenizer.encode("ROMEO:")])  # (1, 6)
     short = cache_speedup(model, prompt, args.sample_tokens, args.repeats)
     text = tokenizer.decode(short.pop("out")[0].tolist())
+    rot = rotary_speedup(rot_model, prompt, args.sample_tokens, args.repeats)
+    rot_text = tokenizer.decode(rot.pop("out")[0].tolist())
 
     # all 1,000 tokens inside the window: the cache's saving grows with the context
     torch.manual_seed(0)
@@ -406,6 +444,7 @@ def main_benchmark(args) -> dict:
     long.pop("out")
 
     print(f"--- 300 characters sampled with the KV cache (temperature 0.8) ---\n{text[:300]}\n---")
+    print(f"--- the same from the rotary model (ring cache) ---\n{rot_text[:300]}\n---")
     ratio = p_exact.tokens_per_s / n_sum["train_tokens_per_s"]
     return {
         "name": "text_gen",
@@ -415,6 +454,7 @@ def main_benchmark(args) -> dict:
         "train_tokens_per_s": {
             "project_exact": round(p_exact.tokens_per_s),
             "project_config": round(p_config.tokens_per_s),
+            "project_rotary": round(p_rotary.tokens_per_s),
             "nanogpt": round(n_sum["train_tokens_per_s"]),
         },
         "train_speed_ratio": round(ratio, 3),
@@ -422,6 +462,7 @@ def main_benchmark(args) -> dict:
         "val_loss": {
             "project_exact": round(s_exact["val_loss"], 4),
             "project_config": round(summary["val_loss"], 4),
+            "project_rotary": round(p_rotary.summary["val_loss"], 4),
             "nanogpt": round(n_sum["val_loss"], 4),
             "nanogpt_reported": NANOGPT_VAL_LOSS,
         },
@@ -429,6 +470,7 @@ def main_benchmark(args) -> dict:
         "train_s": {
             "project_exact": round(p_exact.seconds, 1),
             "project_config": round(p_config.seconds, 1),
+            "project_rotary": round(p_rotary.seconds, 1),
             "nanogpt": round(n_sum["train_s"], 1),
         },
         "sample_tokens": args.sample_tokens,
@@ -436,6 +478,12 @@ def main_benchmark(args) -> dict:
         "sample_tokens_per_s_no_cache": round(short["no_cache"], 1),
         "kv_cache_speedup": round(short["speedup"], 2),
         "kv_cache_same_tokens": short["same_tokens"],
+        "rotary_sample_tokens_per_s_cache": round(rot["cache"], 1),
+        "rotary_sample_tokens_per_s_nanogpt": round(rot["nanogpt"], 1),
+        "rotary_sample_tokens_per_s_no_cache_exact": round(rot["no_cache"], 1),
+        "rotary_kv_cache_speedup": round(rot["speedup_nanogpt"], 2),
+        "rotary_kv_cache_speedup_exact": round(rot["speedup"], 2),
+        "rotary_kv_cache_same_tokens": rot["same_tokens"],
         "block1024_sample_tokens_per_s_cache": round(long["cache"], 1),
         "block1024_sample_tokens_per_s_no_cache": round(long["no_cache"], 1),
         "block1024_kv_cache_speedup": round(long["speedup"], 2),
@@ -451,6 +499,7 @@ def main_benchmark(args) -> dict:
             "sample_tokens_per_s": "new tokens/s, batch 1, 1,000 tokens after a 6-token prompt, "
             "best of --repeats",
             "kv_cache_speedup": "cached / uncached sampling tokens/s",
+            "rotary_kv_cache_speedup": "ring cache / nanoGPT's generate (recompute 64) tokens/s",
             "wall_s": "seconds",
         },
         "note": "2 shared CPU cores; other jobs ran at the same time, timings are noisy",
@@ -460,7 +509,7 @@ def main_benchmark(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=0, help="iterations (0: the config's 2,000)")
-    p.add_argument("--chunks", type=int, default=4, help="turns the three trainings take")
+    p.add_argument("--chunks", type=int, default=4, help="turns the four trainings take")
     p.add_argument("--repeats", type=int, default=3, help="timings of each sampler (best kept)")
     p.add_argument(
         "--sample-tokens", type=int, default=1000, help="tokens sampled per timing (1,000)"

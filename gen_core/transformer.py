@@ -14,11 +14,20 @@ Two input modes share every block:
 
 Generation keeps a per-layer key/value cache, so that inside the context window each new token
 costs one position's worth of compute (plus attention over the cached keys) instead of a forward
-pass over everything so far. Learned *absolute* position embeddings make every cached key depend
-on its position, so a full cache cannot be rolled exactly: once the text outgrows the window,
-`generate` recomputes the cropped window (the last `block_size` tokens) in one pass per token,
-which is exactly what a sampler without a cache does. Per-token cost thus stays flat as the text
-grows; the cache's saving is largest for long windows and vanishes past the window's end.
+pass over everything so far. What happens once the text outgrows the window depends on positions:
+
+* learned *absolute* positions (GPT-2, nanoGPT; the default): every cached key depends on its
+  position in the window, so a full cache cannot be rolled exactly. `generate` then recomputes
+  the cropped window (the last `block_size` tokens) in one pass per token, which is exactly what a
+  sampler without a cache does: the cache saves inside the first window and costs nothing after.
+* rotary positions (`rotary=True`, Su et al. 2021, "RoFormer"): a query and a key score by their
+  offset alone, so keys stay valid however far the text runs. Past the window the cache becomes a
+  ring of the last `block_size` positions per layer (the rolling buffer of Mistral 7B's
+  sliding-window attention, Jiang et al. 2023): each new token costs one position for ever. The
+  model then reads a long text with sliding-window attention, every position over the last
+  `block_size` ones in every layer, which is what `hidden` computes for a long sequence without a
+  cache; the sampler without a cache recomputes the n_layer * (block_size - 1) + 1 tokens that
+  reach the newest one, so both samplers give the same tokens.
 """
 
 from __future__ import annotations
@@ -68,11 +77,21 @@ class KVCache:
         self.capacity = config.block_size
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store `k`, `v` (B, nh, T, hs) after the cached positions; return all keys and values."""
+        """Store `k`, `v` (B, nh, T, hs) after the cached positions; return all keys and values.
+
+        Past the capacity the buffers are a ring (rotary positions only, one position at a time):
+        the new position overwrites the oldest, and all `capacity` slots are returned. Their
+        order does not matter: rotary keys carry their own position, and one new query may see
+        every key in the window."""
         start, end = self.length, self.length + k.size(2)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs)
+        if end <= self.capacity:
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs)
+        slot = start % self.capacity
+        self.k[layer][:, :, slot : slot + 1] = k
+        self.v[layer][:, :, slot : slot + 1] = v
+        return self.k[layer], self.v[layer]  # (B, nh, capacity, hs)
 
     def reset(self) -> None:
         self.length = 0
@@ -230,7 +249,9 @@ class Transformer(nn.Module):
         # With rotary positions and no cache, a longer sequence is read with a sliding window:
         # each position attends over the last block_size ones (what a ring of keys holds).
         band = self.config.rotary and cache is None and T > self.config.block_size
-        if past + T > self.config.block_size and not band:
+        # ... and with a cache, one position at a time past the window (the ring, see KVCache)
+        ring = self.config.rotary and cache is not None and T == 1
+        if past + T > self.config.block_size and not (band or ring):
             raise ValueError(
                 f"{past + T} positions exceed the context window of {self.config.block_size}"
             )
@@ -310,37 +331,64 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to `idx` (B, T) and return (B, T + new).
 
-        Each step conditions on at most the last `block_size` tokens. With `use_cache`, keys and
-        values of earlier positions are reused; once the window is full the cropped window is
-        recomputed (see the module docstring), so both paths sample from the same distribution
-        and, for the same `generator`, give the same tokens. `temperature=0` picks the most
-        likely token; `top_k` keeps only the k most likely tokens before sampling.
+        Learned positions: each step conditions on the last `block_size` tokens. Rotary: on a
+        sliding window of `block_size` in every layer. With `use_cache`, keys and values of
+        earlier positions are reused (see the module docstring for what happens past the window),
+        and both paths sample from the same distribution: for the same `generator`, the same
+        tokens. `temperature=0` picks the most likely token; `top_k` keeps only the k most likely
+        tokens before sampling.
         """
         if not (self.tokens_in and self.tokens_out):
             raise ValueError("generate needs a token model (input_dim == 0 and output_dim == 0)")
         was_training = self.training
         self.eval()  # no dropout while sampling
-        block = self.config.block_size
         cache = None
         if use_cache:
             cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+        step = self._sample_rotary if self.config.rotary else self._sample_learned
         try:
-            for _ in range(max_new_tokens):
-                if cache is not None and 0 < cache.length < block:
-                    x = self.hidden(idx[:, -1:], cache)  # (B, 1, C): only the newest token
-                else:
-                    # the prompt, or every step once the window is full: the cropped window in
-                    # one pass. Its keys and values are cached only while a next token still fits
-                    # the window; after that each step shifts every position, so none can be reused
-                    fill = cache if cache is not None and idx.size(1) < block else None
-                    if fill is not None:
-                        fill.reset()
-                    x = self.hidden(idx[:, -block:], fill)  # (B, T, C)
-                logits = self.lm_head(x[:, -1, :])  # (B, V): only the last position is needed
-                idx_next = _sample(logits, temperature, top_k, generator)  # (B, 1)
-                idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+            return step(idx, max_new_tokens, temperature, top_k, generator, cache)
         finally:
             self.train(was_training)
+
+    def _sample_learned(self, idx, max_new_tokens, temperature, top_k, generator, cache):
+        """`generate` for learned positions: the cache inside the first window, then recompute."""
+        block = self.config.block_size
+        for _ in range(max_new_tokens):
+            if cache is not None and 0 < cache.length < block:
+                x = self.hidden(idx[:, -1:], cache)  # (B, 1, C): only the newest token
+            else:
+                # the prompt, or every step once the window is full: the cropped window in one
+                # pass. Its keys and values are cached only while a next token still fits the
+                # window; after that each step shifts every position, so none can be reused
+                fill = cache if cache is not None and idx.size(1) < block else None
+                if fill is not None:
+                    fill.reset()
+                x = self.hidden(idx[:, -block:], fill)  # (B, T, C)
+            logits = self.lm_head(x[:, -1, :])  # (B, V): only the last position is needed
+            idx_next = _sample(logits, temperature, top_k, generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        return idx
+
+    def _sample_rotary(self, idx, max_new_tokens, temperature, top_k, generator, cache):
+        """`generate` for rotary positions: sliding-window attention, with a ring cache."""
+        # tokens that can reach the newest one through n_layer windows of block_size
+        reach = self.config.n_layer * (self.config.block_size - 1) + 1
+        if cache is not None:
+            # the prompt's reach: a first window in one pass, the rest into the ring one by one
+            ctx = idx[:, -reach:]  # (B, <= reach)
+            first = min(ctx.size(1), self.config.block_size)
+            x = self.hidden(ctx[:, :first], cache)  # (B, first, C)
+            for t in range(first, ctx.size(1)):
+                x = self.hidden(ctx[:, t : t + 1], cache)  # (B, 1, C)
+        for i in range(max_new_tokens):
+            if cache is None:
+                x = self.hidden(idx[:, -reach:])  # (B, <= reach, C): banded past the window
+            elif i > 0:
+                x = self.hidden(idx[:, -1:], cache)  # (B, 1, C): only the newest token
+            logits = self.lm_head(x[:, -1, :])  # (B, V): only the last position is needed
+            idx_next = _sample(logits, temperature, top_k, generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
         return idx
 
 

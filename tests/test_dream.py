@@ -390,6 +390,37 @@ def test_rollouts_stop_collecting_reward_after_their_end(model):
     assert again.calls == 5
 
 
+def test_end_reward_is_charged_in_expectation_in_rollouts_and_vector_envs(model):
+    """dream.end_reward x M's end probability joins every dreamed step's reward, the same in
+    the population's rollouts and in the gymnasium env."""
+    s = model.stepper()
+    st = starts(s)
+    policy = random_policy(s.feature_dim)
+    never = DreamConfig(temperature=1.0, end_threshold=1.0)
+    charged = DreamConfig(temperature=1.0, end_threshold=1.0, end_reward=-100.0)
+    z, state = st.take(torch.arange(4))
+    g = torch.Generator().manual_seed(3)
+    want = torch.zeros(4)
+    for _ in range(6):
+        out = s.step(state, z, policy(z, s.features(state)), 1.0, g)
+        want += out.reward - 100.0 * out.end_prob
+        z, state = out.z, out.state
+    got = [
+        dream_rollouts(
+            s, policy, *st.take(torch.arange(4)), 6, d, torch.Generator().manual_seed(3)
+        )[0]
+        for d in (charged, never)
+    ]
+    torch.testing.assert_close(got[0], want)
+    assert (got[0] < got[1]).all()  # every step's end probability is above 0
+    envs = [DreamVectorEnv(num_envs=2, **kwargs(s, dream=d)) for d in (charged, never)]
+    for env in envs:
+        env.reset(seed=1)
+    a = np.zeros((2, 3), np.float32)
+    (_, r_charged, *_), (_, r_plain, *_) = (env.step(a) for env in envs)
+    assert (r_charged < r_plain).all()
+
+
 def test_the_end_head_ends_dreams_and_vector_envs(kind):
     model = build(kind)
     with torch.no_grad():

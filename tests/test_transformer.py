@@ -97,6 +97,36 @@ def test_kv_cache_sampler_gives_the_same_tokens_as_recomputation(temperature, to
     assert model.training  # generate restores the mode it found
 
 
+def test_rotary_ring_cache_reads_a_long_text_as_the_sliding_window_does():
+    """Past the window, rotary keys go into a ring of block_size slots; one position at a time,
+    that gives every output of the banded full pass (each position over its last 8)."""
+    model = sharp(tiny(rotary=True)).double().eval()
+    idx = torch.randint(0, 11, (2, 30))
+    full, _ = model(idx)  # (2, 30, 11): banded, no cache
+    cache = KVCache(model.config, 2, idx.device, torch.float64)
+    steps = [model(idx[:, :8], cache=cache)[0]]
+    steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(8, 30)]
+    assert cache.length == 30 and cache.k[0].shape[2] == 8  # 30 positions, 8 slots
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-12)
+    # the band is real: the first token still matters at position 14 (2 layers x 7 back) ...
+    changed = idx.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % 11
+    out, _ = model(changed)
+    assert not torch.allclose(out[:, 14], full[:, 14])
+    torch.testing.assert_close(out[:, 15:], full[:, 15:], rtol=0, atol=0)  # ... and not after
+    with pytest.raises(ValueError, match="context window"):  # several at once past the window
+        model(idx[:, :2], cache=cache)
+
+
+def test_rotary_sampler_with_a_prompt_longer_than_its_reach():
+    model = sharp(tiny(rotary=True)).double()
+    prompt = torch.randint(0, 11, (1, 40))  # 2 layers x 7 + 1 = 15 tokens reach the next one
+    gen = [torch.Generator().manual_seed(5) for _ in range(2)]
+    fast = model.generate(prompt, 12, 1.0, generator=gen[0], use_cache=True)
+    slow = model.generate(prompt, 12, 1.0, generator=gen[1], use_cache=False)
+    assert fast.shape == (1, 52) and torch.equal(fast, slow)
+
+
 def test_kv_cache_sampler_float32_matches_for_greedy_decoding():
     model = sharp(tiny(block_size=16))
     prompt = torch.randint(0, 11, (1, 16))  # starts with a full window

@@ -29,7 +29,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from gen_core.config import setting
-from gen_core.mdn import BatchState, StepModel
+from gen_core.mdn import BatchState, StepModel, WorldStep
 
 DREAM_ENV_ID = "worldmodels/Dream-v0"
 
@@ -48,6 +48,12 @@ class DreamConfig:
     )
     end_threshold: float = setting(
         0.5, "M's end probability above which a dreamed episode ends", min=0.0, max=1.0
+    )
+    end_reward: float = setting(
+        0.0,
+        "reward of an episode end, charged at every dreamed step in expectation (x M's end "
+        "probability): CarRacing's exit from the playfield costs -100, which the reward head "
+        "leaves out (m.reward_clip)",
     )
 
 
@@ -113,6 +119,17 @@ class DreamStarts:
         return cls.from_steps(model, z, a)
 
 
+def step_reward(s: WorldStep, dream: DreamConfig) -> torch.Tensor:
+    """A dreamed step's reward (B,): M's reward plus the end's reward in expectation.
+
+    M rarely sees an episode end (CarRacing's explore data: ~10 exits in 47,000 steps), so its
+    end probability seldom passes the threshold, and a dream that stopped only there would not
+    charge the exit. In expectation every step that heads for the exit pays its share."""
+    if not dream.end_reward:
+        return s.reward
+    return s.reward + dream.end_reward * s.end_prob
+
+
 @torch.no_grad()
 def dream_rollouts(
     model: StepModel,
@@ -126,12 +143,13 @@ def dream_rollouts(
     """Total predicted reward (B,) of a batch of dream rollouts from (z (B, z_dim), state), all
     advanced together, and whether each ended (B,) bool: M's end probability passed
     `dream.end_threshold` within `steps` (the last step included). A rollout stops collecting
-    reward at its end. `policy(z, features) -> actions (B, A)`."""
+    reward at its end. `policy(z, features) -> actions (B, A)`. Each step's reward is M's
+    predicted reward plus `dream.end_reward` x M's end probability (see `step_reward`)."""
     total = torch.zeros(len(z), device=z.device)  # (B,)
     alive = torch.ones(len(z), device=z.device)  # (B,) 1.0 while collecting reward
     for _ in range(steps):
         s = model.step(state, z, policy(z, model.features(state)), dream.temperature, generator)
-        total.addcmul_(s.reward, alive)
+        total.addcmul_(step_reward(s, dream), alive)
         alive.masked_fill_(s.end_prob > dream.end_threshold, 0.0)
         z, state = s.z, s.state
         if not alive.any():
@@ -242,7 +260,7 @@ class DreamVectorEnv(VectorEnv):
             s = self.model.step(self.state, self.z, a, self.dream.temperature, self._generator)
         self.z, self.state = s.z, s.state
         self.t += 1
-        reward = s.reward.cpu().numpy().astype(np.float64)
+        reward = step_reward(s, self.dream).cpu().numpy().astype(np.float64)
         terminated = (s.end_prob > self.dream.end_threshold).cpu().numpy()
         truncated = (self.t >= self.max_steps) & ~terminated
         # Next-step autoreset: sub-envs that ended last step start afresh now, actions ignored.

@@ -71,6 +71,11 @@ class TrainTextConfig(RunConfig):
     n_embd: int = setting(128, "embedding width (a multiple of n_head)", min=1)
     dropout: float = setting(0.0, "dropout probability", min=0.0, max=1.0)
     bias: bool = setting(False, "biases in Linear layers and LayerNorms")
+    positions: Literal["learned", "rotary"] = setting(
+        "learned",
+        "learned: GPT-2's position table (nanoGPT); rotary: RoFormer's rotations, whose KV cache "
+        "keeps sampling one position per token past the context window (sliding window)",
+    )
     batch_size: int = setting(12, "sequences per iteration", min=1)
     iterations: int = setting(2000, "optimiser steps in total (a resumed run continues)", min=1)
     lr: float = setting(1e-3, "peak learning rate", min=0.0, min_inclusive=False)
@@ -204,6 +209,7 @@ def model_config(cfg: TrainTextConfig, vocab_size: int) -> TransformerConfig:
         n_embd=cfg.n_embd,
         dropout=cfg.dropout,
         bias=cfg.bias,
+        rotary=cfg.positions == "rotary",
     )
 
 
