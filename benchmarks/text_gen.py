@@ -53,6 +53,7 @@ import argparse  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -413,10 +414,15 @@ def main_benchmark(args) -> dict:
         nano = NanoGPTRun(tokens.numpy(), tokenizer.vocab_size, iters, Path(tmp))
         # the four take turns, a chunk of iterations each, so that a change in the machine's
         # load during the benchmark falls on all of them alike
+        chunk_ratios = []  # project_exact / nanogpt tokens/s within each turn
         for k in range(1, args.chunks + 1):
             until = iters * k // args.chunks
+            before = (p_exact.tokens, p_exact.seconds, nano.iter_num, nano.train_seconds)
             p_exact.run(until)
             nano.run(until)
+            exact_tps = (p_exact.tokens - before[0]) / (p_exact.seconds - before[1])
+            nano_tokens = (nano.iter_num - before[2]) * nano.batch_size * nano.block_size
+            chunk_ratios.append(exact_tps / (nano_tokens / (nano.train_seconds - before[3])))
             p_config.run(until)
             p_rotary.run(until)
         s_exact, summary, n_sum = p_exact.summary, p_config.summary, nano.summary()
@@ -426,6 +432,11 @@ def main_benchmark(args) -> dict:
         val_full = full_val_loss(model, val, cfg.block_size)
         rot_model, _, _ = load_text_model(p_rotary.summary["checkpoint"], "cpu")
 
+    # One sequence at a time is a chain of small ops: a second thread only adds synchronisation
+    # (on 2 busy cores the cached sampler ran 4x slower with 2 threads than with 1), so every
+    # sampler is timed with --sample-threads, the default of `wm gen sample-text`.
+    train_threads = torch.get_num_threads()
+    torch.set_num_threads(args.sample_threads)
     prompt = torch.tensor([tokenizer.encode("ROMEO:")])  # (1, 6)
     short = cache_speedup(model, prompt, args.sample_tokens, args.repeats)
     text = tokenizer.decode(short.pop("out")[0].tolist())
@@ -458,6 +469,11 @@ def main_benchmark(args) -> dict:
             "nanogpt": round(n_sum["train_tokens_per_s"]),
         },
         "train_speed_ratio": round(ratio, 3),
+        "train_speed_ratio_median_turn": round(statistics.median(chunk_ratios), 3),
+        "train_speed_ratio_turns": [round(r, 3) for r in chunk_ratios],
+        # project_exact and project_config differ in the learning rate only: the same compute,
+        # so how far this is from 1 is how noisy the machine was
+        "noise_config_over_exact": round(p_config.tokens_per_s / p_exact.tokens_per_s, 3),
         "train_speed_ratio_config": round(p_config.tokens_per_s / n_sum["train_tokens_per_s"], 3),
         "val_loss": {
             "project_exact": round(s_exact["val_loss"], 4),
@@ -488,7 +504,8 @@ def main_benchmark(args) -> dict:
         "block1024_sample_tokens_per_s_no_cache": round(long["no_cache"], 1),
         "block1024_kv_cache_speedup": round(long["speedup"], 2),
         "block1024_kv_cache_same_tokens": long["same_tokens"],
-        "threads": torch.get_num_threads(),
+        "threads": train_threads,
+        "sample_threads": args.sample_threads,
         "wall_s": round(time.perf_counter() - wall0, 1),
         "units": {
             "train_tokens_per_s": "tokens/s over optimiser steps only; project_exact and nanogpt "
@@ -509,7 +526,8 @@ def main_benchmark(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=0, help="iterations (0: the config's 2,000)")
-    p.add_argument("--chunks", type=int, default=4, help="turns the four trainings take")
+    p.add_argument("--chunks", type=int, default=10, help="turns the four trainings take")
+    p.add_argument("--sample-threads", type=int, default=1, help="torch threads for sampling")
     p.add_argument("--repeats", type=int, default=3, help="timings of each sampler (best kept)")
     p.add_argument(
         "--sample-tokens", type=int, default=1000, help="tokens sampled per timing (1,000)"

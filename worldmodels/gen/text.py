@@ -115,6 +115,12 @@ class SampleTextConfig(RunConfig):
     )
     top_k: int = setting(0, "sample only among the k most likely tokens (0: all)", min=0)
     use_cache: bool = setting(True, "reuse keys and values of earlier positions (faster)")
+    threads: int = setting(
+        1,
+        "torch CPU threads (0: one per core). One: a single sequence is a chain of small ops, "
+        "which a second thread slows down (4x with the cache on 2 busy cores)",
+        min=0,
+    )
 
     def validate(self) -> None:
         super().validate()
