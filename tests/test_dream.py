@@ -1,5 +1,6 @@
 """The dream (worldmodels/dream.py), for both Ms: the MDN-RNN's and the Transformer's steppers."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -419,6 +420,34 @@ def test_end_reward_is_charged_in_expectation_in_rollouts_and_vector_envs(model)
     a = np.zeros((2, 3), np.float32)
     (_, r_charged, *_), (_, r_plain, *_) = (env.step(a) for env in envs)
     assert (r_charged < r_plain).all()
+
+
+def test_survival_weighs_each_reward_by_the_chance_the_dream_still_runs(model):
+    s = model.stepper()
+    st = starts(s)
+    policy = random_policy(s.feature_dim)
+    dream = DreamConfig(temperature=1.0, end_threshold=1.0, end_reward=-10.0, survival=True)
+    z, state = st.take(torch.arange(4))
+    g = torch.Generator().manual_seed(3)
+    want, still = torch.zeros(4), torch.ones(4)
+    for _ in range(6):
+        out = s.step(state, z, policy(z, s.features(state)), 1.0, g)
+        want += still * (out.reward - 10.0 * out.end_prob)
+        still *= 1.0 - out.end_prob
+        z, state = out.z, out.state
+    z, state = st.take(torch.arange(4))
+    got, _ = dream_rollouts(s, policy, z, state, 6, dream, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want)
+    env = DreamVectorEnv(num_envs=2, **kwargs(s, dream=dream))
+    env.reset(seed=1)
+    first = [env.step(np.zeros((2, 3), np.float32))[1] for _ in range(2)]
+    plain = DreamVectorEnv(
+        num_envs=2, **kwargs(s, dream=dataclasses.replace(dream, survival=False))
+    )
+    plain.reset(seed=1)
+    ref = [plain.step(np.zeros((2, 3), np.float32))[1] for _ in range(2)]
+    np.testing.assert_allclose(first[0], ref[0], rtol=1e-6)  # nothing has ended before step 1
+    assert (np.abs(first[1]) < np.abs(ref[1])).all()  # step 2 is weighed by 1 - p of step 1
 
 
 def test_the_end_head_ends_dreams_and_vector_envs(kind):

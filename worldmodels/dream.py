@@ -55,6 +55,11 @@ class DreamConfig:
         "probability): CarRacing's exit from the playfield costs -100, which the reward head "
         "leaves out (m.reward_clip)",
     )
+    survival: bool = setting(
+        False,
+        "weigh each dreamed step's reward by the chance, under M's end head, that the episode is "
+        "still running (the product of 1 - end probability so far): the expected return",
+    )
 
 
 @dataclass
@@ -146,10 +151,13 @@ def dream_rollouts(
     reward at its end. `policy(z, features) -> actions (B, A)`. Each step's reward is M's
     predicted reward plus `dream.end_reward` x M's end probability (see `step_reward`)."""
     total = torch.zeros(len(z), device=z.device)  # (B,)
-    alive = torch.ones(len(z), device=z.device)  # (B,) 1.0 while collecting reward
+    # (B,) 1.0 while collecting reward; with dream.survival, the chance the episode still runs
+    alive = torch.ones(len(z), device=z.device)
     for _ in range(steps):
         s = model.step(state, z, policy(z, model.features(state)), dream.temperature, generator)
         total.addcmul_(step_reward(s, dream), alive)
+        if dream.survival:
+            alive.mul_(1.0 - s.end_prob)
         alive.masked_fill_(s.end_prob > dream.end_threshold, 0.0)
         z, state = s.z, s.state
         if not alive.any():
@@ -224,6 +232,7 @@ class DreamVectorEnv(VectorEnv):
         self.t = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
         self._return = np.zeros(num_envs)  # this episode's dream reward so far
+        self._survival = np.ones(num_envs)  # dream.survival: the chance it still runs
         self._began = np.full(num_envs, time.perf_counter())  # when this episode started
 
     def _obs(self) -> np.ndarray:
@@ -242,6 +251,7 @@ class DreamVectorEnv(VectorEnv):
         self.t[idx] = 0
         self._needs_reset[idx] = False
         self._return[idx] = 0.0
+        self._survival[idx] = 1.0
         self._began[idx] = time.perf_counter()
 
     def reset(
@@ -261,6 +271,9 @@ class DreamVectorEnv(VectorEnv):
         self.z, self.state = s.z, s.state
         self.t += 1
         reward = step_reward(s, self.dream).cpu().numpy().astype(np.float64)
+        if self.dream.survival:
+            reward *= self._survival
+            self._survival *= 1.0 - s.end_prob.cpu().numpy()
         terminated = (s.end_prob > self.dream.end_threshold).cpu().numpy()
         truncated = (self.t >= self.max_steps) & ~terminated
         # Next-step autoreset: sub-envs that ended last step start afresh now, actions ignored.
