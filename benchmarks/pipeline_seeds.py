@@ -11,7 +11,9 @@ Writes `<out>/seeds.json` (default docs/results/carracing_small/seeds.json):
 {"seeds": [...], "mean_of_means", "worst_seed_mean", "spread"}, each seed {seed,
 controller_mean, controller_std, full_gas_mean, random_mean, real_env_steps (collection + every
 real check of the CMA-ES mean; the 100-track evaluation apart, as evaluation_env_steps),
-wall_time_s, within_generation_spearman, controller (the checkpoint path)}; and per seed, in
+wall_time_s (this invocation: stages already done on disk cost ~0), logged_stage_seconds (each
+stage's time over every invocation of the run, from its pipeline log),
+within_generation_spearman, controller (the checkpoint path)}; and per seed, in
 `<out>/seed<S>/`: the histogram of the 100 track scores, the real score of the CMA-ES mean against
 generation, and the candidate-ranking plot (dream vs real return of CMA-ES's own candidates).
 
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 
 from gen_core.checkpoint import checkpoint_config
@@ -39,6 +43,23 @@ from rollouts.store import EpisodeStore
 from worldmodels.cli import main as wm
 from worldmodels.layout import TB, RunLayout
 from worldmodels.pipeline import PipelineConfig
+
+
+def logged_stage_seconds(log: Path) -> dict[str, float]:
+    """Seconds each pipeline stage took, summed over every invocation the run's pipeline log
+    holds (a stage's time runs from its line to the next; a stage whose invocation was killed
+    has no end and is left out). A stage that found its work done counts ~0 s."""
+    stamp = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) pipeline: (stage (\S+)|report)")
+    marks = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if m := stamp.match(line):
+            marks.append((datetime.fromisoformat(m[1]), m[3]))  # stage name, None: the report
+    seconds: dict[str, float] = {}
+    for (t0, name), (t1, nxt) in zip(marks, marks[1:]):
+        if name is None or nxt == "collect":  # a report, or the next invocation's start
+            continue
+        seconds[name] = seconds.get(name, 0.0) + (t1 - t0).total_seconds()
+    return seconds
 
 
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
@@ -127,6 +148,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         "real_env_steps": collected + checks,
         "evaluation_env_steps": evaluation,
         "wall_time_s": round(wall, 1),
+        "logged_stage_seconds": logged_stage_seconds(layout.pipeline / "log.txt"),
         "within_generation_spearman": fid.get("search", {}).get("within_generation"),
         "candidates_spearman": fid.get("search", {}).get("spearman"),
         "fixed_policy_spearman": fid.get("spearman"),
