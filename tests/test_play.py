@@ -64,9 +64,12 @@ def test_play_writes_real_view_and_dream_side_by_side(packed, tmp_path):
 
 def test_the_shipped_agent_loads_and_plays(tmp_path):
     record = yaml.safe_load((SHIPPED_AGENT / "agent.yaml").read_text())
-    assert (
-        record["made"]["scores"]["episodes"] == 100 and "does not drive" in record["made"]["note"]
-    )
+    # The shipped agent is a driver: its recorded 100-track score stands well clear of both
+    # baselines (the standard error of a 100-track mean is std / 10).
+    scores = record["made"]["scores"]
+    assert scores["episodes"] == 100
+    floor = max(scores["random_mean"], scores["full_gas_mean"])
+    assert scores["controller_mean"] - 3 * scores["controller_std"] / 10 > floor + 300
     assert (SHIPPED_AGENT / "agent.pt").stat().st_size < 12 * 2**20
     vae, m, params, spec, _ = load_packed_agent()
     assert vae.config.image_size == 64 and spec.n_params == len(params) == 867
