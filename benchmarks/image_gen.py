@@ -213,7 +213,7 @@ def main_benchmark(args) -> dict:
             "train_images_per_s": "real images/s over training steps only",
             "budget_s_per_model": "seconds of training per model (time_budget_s)",
         },
-        "note": "2 shared CPU cores; other jobs ran at the same time, timings are noisy",
+        "note": "2 CPU cores; timings depend on whatever else runs on the machine",
     }
 
 
