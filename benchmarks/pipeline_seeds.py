@@ -10,7 +10,8 @@ and on real tracks).
 Writes `<out>/seeds.json` (default docs/results/carracing_small/seeds.json):
 {"seeds": [...], "mean_of_means", "worst_seed_mean", "spread"}, each seed {seed,
 controller_mean, controller_std, full_gas_mean, random_mean, real_env_steps (collection + every
-real check of the CMA-ES mean; the 100-track evaluation apart, as evaluation_env_steps),
+real check of the CMA-ES mean, of every draw of C, and the tracks the draws were compared on;
+the 100-track evaluation apart, as evaluation_env_steps),
 wall_time_s (this invocation: stages already done on disk cost ~0), logged_stage_seconds (each
 stage's time over every invocation of the run, from its pipeline log),
 within_generation_spearman, controller (the checkpoint path)}; and per seed, in
@@ -104,13 +105,22 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     # iterative loop's agent episodes), plus every real check of the CMA-ES mean.
     store = EpisodeStore(layout.store)
     collected = sum(int(ep["length"]) for _, ep in store.iter_episodes(keys=("length",)))
-    c_cfgs = [checkpoint_config(layout.controller_checkpoints(r)) for r in range(k + 1)]
-    curves = [read_scalars(layout.controller(r) / TB) for r in range(k + 1)]
+    # With controller_draws, every draw's checks count, and so do the tracks the draws' kept
+    # means were compared on.
+    draws = [(r, j) for r in range(k + 1) for j in range(cfg.controller_draws)]
+    c_cfgs = [checkpoint_config(layout.controller_checkpoints(r, j)) for r, j in draws]
+    curves = [read_scalars(layout.controller(r, j) / TB) for r, j in draws]
     checks = sum(
         len(c.get("controller/return_of_mean_params", ([], []))[0]) * cc["eval_trials"]
         * cc["max_steps"]
         for c, cc in zip(curves, c_cfgs)
     )  # fmt: skip
+    pick_scores = [layout.score(f"pick_{layout.controller(r, j).name}") for r, j in draws]
+    picks = sum(
+        (p := json.loads(f.read_text()))["episodes"] * p["max_steps"]
+        for f in pick_scores
+        if cfg.controller_draws > 1 and f.exists()
+    )
     evaluation = sum(s["episodes"] * s["max_steps"] for s in scores.values())
 
     folder = out / f"seed{seed}"
@@ -123,8 +133,9 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         f"{statistics.mean(returns):.1f}",
         xlabel="return over 1,000 steps",
     )
-    gens, real = curves[-1].get("controller/return_of_mean_params", ([], []))
-    dream_gens, dream_mean = curves[-1].get("controller/return_mean", ([], []))
+    kept = read_scalars(layout.controller(k) / TB)  # the kept draw's
+    gens, real = kept.get("controller/return_of_mean_params", ([], []))
+    dream_gens, dream_mean = kept.get("controller/return_mean", ([], []))
     line_chart(
         folder / "kept_mean.png",
         {
@@ -145,7 +156,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         "controller_std": round(scores["controller"]["std"], 1),
         "full_gas_mean": round(scores["full_gas"]["mean"], 1),
         "random_mean": round(scores["random"]["mean"], 1),
-        "real_env_steps": collected + checks,
+        "real_env_steps": collected + checks + picks,
         "evaluation_env_steps": evaluation,
         "wall_time_s": round(wall, 1),
         "logged_stage_seconds": logged_stage_seconds(layout.pipeline / "log.txt"),

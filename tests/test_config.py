@@ -1,4 +1,5 @@
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -180,3 +181,16 @@ def test_run_layout_names_rounds_and_finds_the_last(tmp_path):
     layout.controller(3).mkdir()  # no checkpoints yet: round 3 is not finished
     (tmp_path / "r" / "controller_iterx" / "checkpoints").mkdir(parents=True)
     assert layout.last_round() == 2
+
+
+def test_run_layout_names_draws_of_c_and_follows_the_kept_one(tmp_path):
+    layout = RunLayout(tmp_path / "r")
+    assert layout.controller(1, 1).name == "controller_iter1_d1"
+    assert layout.controller(0) == layout.controller(0, 0) and layout.kept_draw(0) == 0
+    layout.pipeline.mkdir(parents=True)
+    layout.draws.write_text(json.dumps({"1": {"kept": 2, "pick_returns": [1.0, 0.0, 3.0]}}))
+    assert layout.controller_checkpoints(1) == layout.controller(1, 2) / "checkpoints"
+    assert layout.controller(0).name == "controller"  # round 0 has no record: draw 0
+    assert layout.m(1).name == "m_iter1"  # draws share M
+    layout.controller_checkpoints(1, 2).mkdir(parents=True)  # a draw is not a round
+    assert layout.last_round() == 0

@@ -199,3 +199,33 @@ def test_pipeline_scores_the_controller_anew_when_the_score_on_disk_is_anothers(
     assert rescored["controller"] == str(layout.controller_checkpoints())
     log = (layout.evaluate / "log.txt").read_text()
     assert log.count("evaluate controller:") == 2  # scored twice: first run and the rerun
+
+
+def test_pipeline_controller_draws_keep_the_best_on_pick_tracks(tmp_path):
+    """controller_draws=2: CMA-ES twice on the same M (seeds 1 and 1001); the round keeps the
+    draw whose kept mean scored best on pick tracks of their own, and evaluate scores that one."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        TINY.replace("evaluate: {", "evaluate: {gif: false, ")
+        + "controller_draws: 2\npick_tracks: 2\n"
+    )
+    assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]) == 0
+    run = tmp_path / "e2e"
+    layout = RunLayout(run)
+    assert load_checkpoint(layout.controller_checkpoints(0, 1)).config["seed"] == 1001
+    assert load_checkpoint(layout.controller_checkpoints(0, 0)).config["seed"] == 1
+    assert not (run / "m_d1").exists()  # one M for both draws
+    picks = [
+        json.loads(layout.score(f"pick_{n}").read_text()) for n in ("controller", "controller_d1")
+    ]
+    assert all(p["seeds"] == eval_seeds(1 + 100_000, 2) for p in picks)  # the same pick tracks,
+    assert not set(picks[0]["seeds"]) & set(eval_seeds(1, 2))  # not the evaluation's
+    record = json.loads(layout.draws.read_text())["0"]
+    assert record["kept"] == int(np.argmax([p["mean"] for p in picks]))
+    assert record["pick_returns"] == [round(p["mean"], 2) for p in picks]
+    score = json.loads(layout.score("controller").read_text())
+    assert score["controller"] == str(layout.controller_checkpoints(0, record["kept"]))
+    assert f"draw {record['kept']} of 2" in (run / "report" / "report.md").read_text()
+    # Choosing between draws needs real checks of each draw's mean: refused in one line.
+    bad = ["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "controller.eval_in=dream"]
+    assert wm(bad) == 2

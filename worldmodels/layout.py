@@ -10,17 +10,23 @@
     dream/                      wm dream-video's GIFs
     controller/                 C (wm train-controller): checkpoints/
     m_iterK/, controller_iterK/ round K of World Models' iterative loop (wm pipeline iterations)
+    controller_dJ/              draw J >= 1 of C on the same M (wm pipeline controller_draws)
     evaluate/<name>/            wm evaluate: score.json, episode.gif
     fidelity/<name>/            wm fidelity
-    pipeline/                   wm pipeline's log and resolved config
+    pipeline/                   wm pipeline's log and resolved config; draws.json: which draw
+                                of C each round kept
     report/                     wm pipeline's report.md, score.json and charts
 
 Every stage folder also holds its config.yaml, log.txt and TensorBoard's tb/ (gen_core.runs).
-Round 0 is the first pass (`m`, `controller`); round K >= 1 adds `_iterK` to both folders.
+Round 0 is the first pass (`m`, `controller`); round K >= 1 adds `_iterK` to both folders, and
+draw J >= 1 of C adds `_dJ` to the controller's. `controller(k)` without a draw is the draw the
+pipeline kept (draws.json; draw 0 where there is none), so every reader of "the run's C"
+follows the pipeline's choice.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +37,19 @@ from rollouts.store import STORE_FOLDER
 M_FOLDER = "m"
 CONTROLLER_FOLDER = "controller"
 ROUND_SUFFIX = "_iter"  # round K >= 1 of the iterative loop: "<folder>_iterK"
+DRAW_SUFFIX = "_d"  # draw J >= 1 of C in a round: "<round folder>_dJ"
+DRAWS = "draws.json"  # in the pipeline's folder: the draw of C kept in each round
 CHECKPOINTS = "checkpoints"  # a training stage's checkpoints, inside its folder
 TB = "tb"  # TensorBoard scalars, inside a stage's folder
 CONFIG = "config.yaml"  # a stage's resolved config, inside its folder
 SCORE = "score.json"  # wm evaluate's and the report's figures
 
 
-def _round_folder(folder: str, k: int) -> str:
-    if k < 0:
-        raise ValueError(f"round must be >= 0, got {k}")
-    return f"{folder}{ROUND_SUFFIX}{k}" if k else folder
+def _round_folder(folder: str, k: int, draw: int = 0) -> str:
+    if k < 0 or draw < 0:
+        raise ValueError(f"round and draw must be >= 0, got {k}, {draw}")
+    name = f"{folder}{ROUND_SUFFIX}{k}" if k else folder
+    return f"{name}{DRAW_SUFFIX}{draw}" if draw else name
 
 
 @dataclass(frozen=True)
@@ -96,12 +105,25 @@ class RunLayout:
     def m_checkpoints(self, k: int = 0) -> Path:
         return self.m(k) / CHECKPOINTS
 
-    def controller(self, k: int = 0) -> Path:
-        """C's folder of round `k` (0: the first pass)."""
-        return self.root / _round_folder(CONTROLLER_FOLDER, k)
+    def controller(self, k: int = 0, draw: int | None = None) -> Path:
+        """C's folder of round `k` (0: the first pass), draw `draw` (None: the kept one)."""
+        return self.root / _round_folder(
+            CONTROLLER_FOLDER, k, self.kept_draw(k) if draw is None else draw
+        )
 
-    def controller_checkpoints(self, k: int = 0) -> Path:
-        return self.controller(k) / CHECKPOINTS
+    def controller_checkpoints(self, k: int = 0, draw: int | None = None) -> Path:
+        return self.controller(k, draw) / CHECKPOINTS
+
+    @property
+    def draws(self) -> Path:
+        """The pipeline's record of the draw of C kept in each round (absent: one draw)."""
+        return self.pipeline / DRAWS
+
+    def kept_draw(self, k: int = 0) -> int:
+        """The draw of C the pipeline kept in round `k` (0 without a record)."""
+        if not self.draws.is_file():
+            return 0
+        return int(json.loads(self.draws.read_text()).get(str(k), {}).get("kept", 0))
 
     def last_round(self) -> int:
         """The run's last finished round of the iterative loop (0: none beyond the first pass).

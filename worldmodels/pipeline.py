@@ -1,6 +1,8 @@
 """`wm pipeline`: the whole chain from one config file, then a report.
 
-collect -> train-vae -> encode -> train M -> dream-video -> train-controller, then `iterations`
+collect -> train-vae -> encode -> train M -> dream-video -> train-controller (`controller_draws`
+independent CMA-ES runs on the same M, the one whose kept mean scores best on `pick_tracks` real
+tracks of their own kept), then `iterations`
 rounds of World Models' iterative loop (collect-agent: episodes driven by the latest controller
 with exploration, appended to the store -> encode -> train M -> train-controller, each round in
 its own M and controller folders, `worldmodels.layout`), then evaluate (the last controller
@@ -27,6 +29,9 @@ from gen_core.runs import RunConfig, start_run
 from worldmodels.dream import DreamConfig
 from worldmodels.layout import CONFIG, TB, RunLayout
 from worldmodels.stages import SECTIONS, stage_of_section
+
+DRAW_SEED_STEP = 1000  # draw j of C evolves at seed + 1000 j
+PICK_SEED_OFFSET = 100_000  # the draws are compared on the evaluation tracks of this other seed
 
 BASELINES = {
     "random": {"policy": "uniform"},
@@ -59,6 +64,19 @@ class PipelineConfig(RunConfig):
     iterations: int = setting(
         0, "rounds of collect-agent -> encode -> train M -> train-controller", min=0
     )
+    controller_draws: int = setting(
+        1,
+        "independent CMA-ES runs of C on the same M per round (seeds seed, seed + 1000, ...); "
+        "the round keeps the one whose kept mean scores best on pick_tracks real tracks (its "
+        "candidates are still scored only in the dream)",
+        min=1,
+    )
+    pick_tracks: int = setting(
+        16,
+        "real tracks the draws' kept means are compared on: tracks of their own, not the "
+        "checks' and not the evaluation's",
+        min=1,
+    )
     evaluate: dict[str, Any] = _section("evaluate", " (the controller and baselines)")
     baselines: bool = setting(True, "also score uniform random actions and constant full gas")
     fidelity: dict[str, Any] = _section("fidelity", " (checked here; the pipeline does not run it)")
@@ -69,6 +87,12 @@ class PipelineConfig(RunConfig):
         # benchmarks/dream_fidelity.py read that section of the same file.
         for section in SECTIONS:
             self.stage_config(section)
+        c = self.stage_config("controller")
+        if self.controller_draws > 1 and not (c.eval_every and c.eval_in == "real"):
+            raise ConfigError(
+                "controller_draws: each draw keeps the CMA-ES mean its real checks scored best "
+                "(controller.eval_every >= 1 and controller.eval_in: real)"
+            )
 
     def shared(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)}
@@ -83,6 +107,38 @@ class PipelineConfig(RunConfig):
             return from_dict(cls, merge(shared, {**getattr(self, section), **extra}))
         except ConfigError as err:
             raise ConfigError(f"{section}.{err}") from None
+
+
+def pick_draw(cfg: PipelineConfig, k: int, m: str, stage, log) -> int:
+    """Score the kept mean of every draw of C in round `k` on the same `pick_tracks` real
+    tracks (the evaluation tracks of seed + PICK_SEED_OFFSET: no check and no evaluation of
+    this run uses them), record the best (layout.draws) and return it."""
+    layout = RunLayout.of(cfg)
+    picked = []
+    for j in range(cfg.controller_draws):
+        name = f"pick_{layout.controller(k, j).name}"
+        ckpt = str(layout.controller_checkpoints(k, j))
+        score = layout.score(name)
+        if not score.exists() or json.loads(score.read_text()).get("controller") != ckpt:
+            stage(
+                "evaluate",
+                name=name,
+                m=m,
+                controller=ckpt,
+                episodes=cfg.pick_tracks,
+                seed=cfg.seed + PICK_SEED_OFFSET,
+                gif=False,
+            )
+        picked.append(float(json.loads(score.read_text())["mean"]))
+    kept = max(range(len(picked)), key=lambda j: picked[j])
+    record = json.loads(layout.draws.read_text()) if layout.draws.is_file() else {}
+    record[str(k)] = {"kept": kept, "pick_returns": [round(r, 2) for r in picked]}
+    atomic_write_text(layout.draws, json.dumps(record, indent=2) + "\n")
+    log.info(
+        f"pipeline: round {k} keeps draw {kept} of C (kept means on {cfg.pick_tracks} pick "
+        "tracks: " + ", ".join(f"{r:.1f}" for r in picked) + ")"
+    )
+    return kept
 
 
 def _last_per_step(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
@@ -162,6 +218,16 @@ def write_report(cfg: PipelineConfig, scores: dict[str, dict], wall_time: float,
     for name, s in scores.items():
         lines.append(f"| {name} | {s['mean']:.1f} | {s['std']:.1f} | {s['episodes']} |")
     lines.append("")
+    if cfg.controller_draws > 1:
+        drawn = json.loads(layout.draws.read_text())[str(k)]
+        lines += [
+            f"The controller is draw {drawn['kept']} of {cfg.controller_draws} independent "
+            f"CMA-ES runs on the same M (seeds seed + {DRAW_SEED_STEP} j); their kept means on "
+            f"{cfg.pick_tracks} pick tracks: "
+            + ", ".join(f"{r:.1f}" for r in drawn["pick_returns"])
+            + ". The CMA-ES chart is the kept draw's.",
+            "",
+        ]
     for title, png in charts:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
@@ -200,7 +266,15 @@ def main(cfg: PipelineConfig) -> int:
         stage("m", out_name=layout.m(k).name)
         if not k:
             stage("dream_video", m=m)
-        stage("controller", out_name=layout.controller(k).name, m=m)
+        for j in range(cfg.controller_draws):
+            stage(
+                "controller",
+                out_name=layout.controller(k, j).name,
+                m=m,
+                seed=cfg.seed + DRAW_SEED_STEP * j,
+            )
+        if cfg.controller_draws > 1 or layout.kept_draw(k):  # or an earlier run's record
+            pick_draw(cfg, k, m, stage, log)
 
     scores = {}
     policies = {"controller": {}} | (BASELINES if cfg.baselines else {})
