@@ -1,8 +1,8 @@
 """The quick start at several seeds: does the recipe evolve a driver in the dream on every seed?
 
 LONG: runs the whole small pipeline once per seed (`wm pipeline --config
-configs/carracing_small.yaml seed=S`, each seed changing data, V, M and C): about 35-45 min per
-seed on 2 cores, so ~2 h for the default three seeds. Finished stages are skipped, so a killed run
+configs/carracing_small.yaml seed=S`, each seed changing data, V, M and C): about 46 min per
+seed on 2 cores, so ~2.3 h for the default three seeds. Finished stages are skipped, so a killed run
 continues where it stopped. Then, per seed, `wm fidelity` on the run's controller and its CMA-ES
 candidates (`search_per_generation` candidates from each of four generations, ranked in the dream
 and on real tracks).
