@@ -175,7 +175,7 @@ SHARED_SECTIONS: tuple[str, ...] = ("dream",)
 # The pipeline's own top-level settings (worldmodels.pipeline.PipelineConfig's fields besides
 # the shared run settings and the sections): a single-stage command reading a pipeline file
 # skips them, and refuses any top-level key that is none of these, a section or its own setting.
-PIPELINE_SETTINGS: tuple[str, ...] = ("iterations", "baselines")
+PIPELINE_SETTINGS: tuple[str, ...] = ("iterations", "controller_draws", "pick_tracks", "baselines")
 
 # The sections of a pipeline file that belong to one stage each, in the table's order.
 SECTIONS: tuple[str, ...] = tuple(
