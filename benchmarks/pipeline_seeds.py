@@ -43,7 +43,7 @@ from gen_core.plots import histogram_chart, line_chart, read_scalars
 from rollouts.store import EpisodeStore
 from worldmodels.cli import main as wm
 from worldmodels.layout import TB, RunLayout
-from worldmodels.pipeline import PipelineConfig
+from worldmodels.pipeline import PipelineConfig, pick_name
 
 
 def logged_stage_seconds(log: Path) -> dict[str, float]:
@@ -115,7 +115,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         * cc["max_steps"]
         for c, cc in zip(curves, c_cfgs)
     )  # fmt: skip
-    pick_scores = [layout.score(f"pick_{layout.controller(r, j).name}") for r, j in draws]
+    pick_scores = [layout.score(pick_name(layout, r, j)) for r, j in draws]
     picks = sum(
         (p := json.loads(f.read_text()))["episodes"] * p["max_steps"]
         for f in pick_scores

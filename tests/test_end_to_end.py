@@ -29,6 +29,13 @@ evaluate: {episodes: 2, max_steps: 30, workers: 1, gif_steps: 10}
 """
 
 
+def tiny_config(tmp_path, extra: str = ""):
+    """TINY without evaluation GIFs, plus `extra` settings, written to tmp_path/tiny.yaml."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, ") + extra)
+    return cfg
+
+
 def test_tiny_pipeline_through_the_cli(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
@@ -80,8 +87,7 @@ def test_pipeline_checks_every_section_before_running(tmp_path, capsys):
 
 
 def test_real_mode_controller_training_uses_ray_workers(tmp_path):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, "))
+    cfg = tiny_config(tmp_path)
     assert (
         wm(
             [
@@ -125,10 +131,8 @@ def test_real_mode_controller_training_uses_ray_workers(tmp_path):
 def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
     """One round of the iterative loop (collect with the controller, retrain M, evolve C again),
     then `wm fidelity` on the result: dream vs real returns, Spearman, M's open-loop errors."""
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        TINY.replace("evaluate: {", "evaluate: {gif: false, ")
-        + "iterations: 1\ncollect_agent: {episodes: 2, max_steps: 40, backend: inline}\n"
+    cfg = tiny_config(
+        tmp_path, "iterations: 1\ncollect_agent: {episodes: 2, max_steps: 40, backend: inline}\n"
     )
     assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]) == 0
     run = tmp_path / "e2e"
@@ -185,8 +189,7 @@ def test_pipeline_iterates_and_fidelity_reads_the_run(tmp_path):
 def test_pipeline_scores_the_controller_anew_when_the_score_on_disk_is_anothers(tmp_path):
     """evaluate records which controller it scored; a score of another controller (e.g. one
     evolved again elsewhere) is not taken for this run's."""
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, "))
+    cfg = tiny_config(tmp_path)
     args = ["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]
     assert wm(args) == 0
     layout = RunLayout(tmp_path / "e2e")
@@ -204,11 +207,7 @@ def test_pipeline_scores_the_controller_anew_when_the_score_on_disk_is_anothers(
 def test_pipeline_controller_draws_keep_the_best_on_pick_tracks(tmp_path):
     """controller_draws=2: CMA-ES twice on the same M (seeds 1 and 1001); the round keeps the
     draw whose kept mean scored best on pick tracks of their own, and evaluate scores that one."""
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        TINY.replace("evaluate: {", "evaluate: {gif: false, ")
-        + "controller_draws: 2\npick_tracks: 2\n"
-    )
+    cfg = tiny_config(tmp_path, "controller_draws: 2\npick_tracks: 2\n")
     assert wm(["pipeline", "--config", str(cfg), f"runs_dir={tmp_path}", "baselines=false"]) == 0
     run = tmp_path / "e2e"
     layout = RunLayout(run)

@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 from PIL import Image
-from test_end_to_end import TINY
+from test_end_to_end import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pipeline_seeds_writes_the_seed_report(tmp_path):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY.replace("evaluate: {", "evaluate: {gif: false, "))
+    cfg = tiny_config(tmp_path)
     out = tmp_path / "out"
     cmd = [
         sys.executable,

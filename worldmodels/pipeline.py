@@ -109,6 +109,21 @@ class PipelineConfig(RunConfig):
             raise ConfigError(f"{section}.{err}") from None
 
 
+def score_on_disk(layout: RunLayout, name: str, controller: str | None = None) -> dict | None:
+    """The score.json of evaluation `name` if there is one (and, given `controller`, if it
+    scored that controller: a score of another one, e.g. one evolved again, is not taken)."""
+    path = layout.score(name)
+    if not path.exists():
+        return None
+    score = json.loads(path.read_text())
+    return score if controller is None or score.get("controller") == controller else None
+
+
+def pick_name(layout: RunLayout, k: int, draw: int) -> str:
+    """The evaluation name of draw `draw`'s kept mean on the pick tracks of round `k`."""
+    return f"pick_{layout.controller(k, draw).name}"
+
+
 def pick_draw(cfg: PipelineConfig, k: int, m: str, stage, log) -> int:
     """Score the kept mean of every draw of C in round `k` on the same `pick_tracks` real
     tracks (the evaluation tracks of seed + PICK_SEED_OFFSET: no check and no evaluation of
@@ -116,10 +131,9 @@ def pick_draw(cfg: PipelineConfig, k: int, m: str, stage, log) -> int:
     layout = RunLayout.of(cfg)
     picked = []
     for j in range(cfg.controller_draws):
-        name = f"pick_{layout.controller(k, j).name}"
+        name = pick_name(layout, k, j)
         ckpt = str(layout.controller_checkpoints(k, j))
-        score = layout.score(name)
-        if not score.exists() or json.loads(score.read_text()).get("controller") != ckpt:
+        if score_on_disk(layout, name, ckpt) is None:
             stage(
                 "evaluate",
                 name=name,
@@ -129,7 +143,7 @@ def pick_draw(cfg: PipelineConfig, k: int, m: str, stage, log) -> int:
                 seed=cfg.seed + PICK_SEED_OFFSET,
                 gif=False,
             )
-        picked.append(float(json.loads(score.read_text())["mean"]))
+        picked.append(float(json.loads(layout.score(name).read_text())["mean"]))
     kept = max(range(len(picked)), key=lambda j: picked[j])
     record = json.loads(layout.draws.read_text()) if layout.draws.is_file() else {}
     record[str(k)] = {"kept": kept, "pick_returns": [round(r, 2) for r in picked]}
@@ -284,9 +298,7 @@ def main(cfg: PipelineConfig) -> int:
                 "m": str(layout.m_checkpoints(cfg.iterations)),
                 "controller": str(layout.controller_checkpoints(cfg.iterations)),
             }
-        score = layout.score(name)
-        scored = json.loads(score.read_text()).get("controller") if score.exists() else None
-        if not score.exists() or (name == "controller" and scored != extra["controller"]):
+        if score_on_disk(layout, name, extra.get("controller")) is None:
             stage("evaluate", name=name, **extra)  # not scored yet, or another controller was
         scores[name] = json.loads(layout.score(name).read_text())
     out = write_report(cfg, scores, time.perf_counter() - t0, cfg.iterations)
